@@ -1,0 +1,181 @@
+"""Attention scoring, masked softmax and the one SDPA dispatch every mechanism uses.
+
+Conventions
+-----------
+* Boolean masks are *keep* masks: ``True`` means "this query may attend to this key",
+  exactly as ``F.scaled_dot_product_attention`` reads them.
+* Float masks are *added* to the scores (relative position bias, Swin's shift mask).
+* A query whose every key is masked gets an all-zero weight row and a zero output, on
+  both paths, instead of the NaN a plain ``softmax`` of ``-inf`` gives. Such rows appear
+  legitimately (padding queries after a cyclic shift, empty sequences in a batch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "sequence_mask",
+    "valid_lens_to_mask",
+    "masked_softmax",
+    "dot_product_scores",
+    "scaled_dot_product_scores",
+    "additive_scores",
+    "attention",
+]
+
+
+def sequence_mask(valid_lens: Tensor, max_len: int) -> Tensor:
+    """``(...,)`` lengths -> ``(..., max_len)`` boolean mask, True on the first ``len``."""
+    positions = torch.arange(max_len, device=valid_lens.device)
+    return positions < valid_lens.unsqueeze(-1)
+
+
+def valid_lens_to_mask(valid_lens: Tensor, num_queries: int, num_keys: int, ndim: int) -> Tensor:
+    """Broadcastable keep mask for scores of rank ``ndim`` (``(B, *, Q, K)``).
+
+    ``valid_lens`` of shape ``(B,)`` applies one length to every query of a sample;
+    ``(B, Q)`` gives one length per query (d2l.ai semantics). Middle dimensions (heads)
+    broadcast.
+    """
+    if valid_lens.dim() == 1:
+        lens = valid_lens[:, None].expand(-1, num_queries)
+    elif valid_lens.dim() == 2:
+        if valid_lens.shape[1] != num_queries:
+            raise ValueError(
+                f"valid_lens of shape {tuple(valid_lens.shape)} needs one length per query "
+                f"(expected (B, {num_queries}))"
+            )
+        lens = valid_lens
+    else:
+        raise ValueError(
+            f"valid_lens must have shape (B,) or (B, Q), got {tuple(valid_lens.shape)}"
+        )
+    mask = sequence_mask(lens, num_keys)  # (B, Q, K)
+    return mask.reshape(mask.shape[0], *([1] * (ndim - 3)), num_queries, num_keys)
+
+
+def masked_softmax(
+    scores: Tensor, valid_lens: Tensor | None = None, mask: Tensor | None = None
+) -> Tensor:
+    """Softmax over the last axis of ``scores`` (``(B, *, Q, K)``) with masked keys.
+
+    Args:
+        scores: attention scores, ``(B, *, Q, K)``.
+        valid_lens: ``(B,)`` or ``(B, Q)`` numbers of valid keys (d2l.ai semantics).
+        mask: boolean keep mask broadcastable to ``scores`` (True = attend).
+
+    Masked keys get *exactly* zero weight. A row with no valid key (length 0) returns
+    zeros rather than NaN or d2l's uniform weights: no key is attended at all.
+    """
+    if valid_lens is None and mask is None:
+        return F.softmax(scores, dim=-1)
+    keep = None
+    if valid_lens is not None:
+        if valid_lens.shape[0] != scores.shape[0]:
+            raise ValueError(
+                f"valid_lens has batch {valid_lens.shape[0]} but scores have {scores.shape[0]}"
+            )
+        keep = valid_lens_to_mask(valid_lens, scores.shape[-2], scores.shape[-1], scores.dim())
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be boolean (True = attend), got {mask.dtype}")
+        keep = mask if keep is None else keep & mask
+    # The most negative finite value keeps the softmax free of inf - inf = NaN, even for
+    # rows with no valid key; those rows are zeroed afterwards.
+    filled = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    return F.softmax(filled, dim=-1).masked_fill(~keep, 0.0)
+
+
+def dot_product_scores(query: Tensor, key: Tensor) -> Tensor:
+    """``q k^T``: ``(..., Q, d) x (..., K, d) -> (..., Q, K)`` (Luong et al. 2015)."""
+    return query @ key.transpose(-2, -1)
+
+
+def scaled_dot_product_scores(query: Tensor, key: Tensor, scale: float | None = None) -> Tensor:
+    """``q k^T / sqrt(d)`` (Vaswani et al. 2017, Eq. 1); ``scale`` overrides ``1/sqrt(d)``."""
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    return (query * scale) @ key.transpose(-2, -1)
+
+
+def additive_scores(
+    query: Tensor, key: Tensor, w_query: Tensor, w_key: Tensor, w_v: Tensor
+) -> Tensor:
+    """Bahdanau et al. 2015 (Eq. 6 of the appendix): ``w_v^T tanh(W_q q + W_k k)``.
+
+    Shapes: query ``(B, Q, dq)``, key ``(B, K, dk)``, ``w_query`` ``(h, dq)``,
+    ``w_key`` ``(h, dk)``, ``w_v`` ``(h,)``; returns ``(B, Q, K)``. Cost: the tanh runs
+    over ``(B, Q, K, h)``, which no fused kernel avoids; it dominates for long sequences.
+    """
+    q = F.linear(query, w_query)  # (B, Q, h)
+    k = F.linear(key, w_key)  # (B, K, h)
+    features = torch.tanh(q.unsqueeze(-2) + k.unsqueeze(-3))  # (B, Q, K, h)
+    return features @ w_v  # (B, Q, K)
+
+
+def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
+    if query.dim() < 2 or key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(
+            "attention expects query, key and value of equal rank >= 2 ((..., N, d)), got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"attention: query dim {query.shape[-1]} != key dim {key.shape[-1]}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"attention: {key.shape[-2]} keys but {value.shape[-2]} values"
+        )
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    fused: bool = True,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Scaled dot-product attention, fused or explicit, chosen per call.
+
+    ``softmax(q k^T * scale + mask) v`` (Vaswani et al. 2017, Eq. 1).
+
+    Args:
+        query: ``(..., Q, d)``; key: ``(..., K, d)``; value: ``(..., K, dv)``.
+        mask: boolean keep mask or float additive mask, broadcastable to ``(..., Q, K)``.
+        scale: defaults to ``1/sqrt(d)``.
+        dropout_p: dropout on the attention weights (pass 0 in eval).
+        fused: use ``F.scaled_dot_product_attention`` (never materialises Q x K in its
+            flash kernels). ``False`` runs the explicit math, which the tests hold equal.
+        return_weights: also return the ``(..., Q, K)`` weights; forces the explicit path.
+
+    Returns:
+        ``(..., Q, dv)`` and, with ``return_weights``, the weights.
+
+    Cost: ``2 * Q * K * (d + dv)`` FLOPs per batch element and head.
+    """
+    _check_qkv(query, key, value)
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
+        mask = mask.to(query.dtype)
+    if fused and not return_weights:
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale
+        )
+    scores = scaled_dot_product_scores(query, key, scale)
+    if mask is not None and mask.dtype == torch.bool:
+        weights = masked_softmax(scores, mask=mask)
+    else:
+        if mask is not None:
+            scores = scores + mask
+        weights = F.softmax(scores, dim=-1)
+    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    out = dropped @ value
+    return (out, weights) if return_weights else out

@@ -1,0 +1,161 @@
+"""Windows over channels-last token maps ``(B, H, W, C)``: padding, partition, shift, masks.
+
+Swin Transformer (Liu et al. ICCV 2021, Sec. 3.2) computes self-attention inside
+non-overlapping M x M windows, and in every other block shifts the map cyclically by
+``floor(M/2)`` so windows straddle the previous partition; tokens that came from
+different regions of the unshifted map are then masked from each other. Inputs whose
+H, W are not multiples of M are padded at the bottom/right; unlike timm we also mask
+the padded tokens out of every softmax, so padding never changes a real token's output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "to_2tuple",
+    "pad_to_multiple",
+    "padding_mask",
+    "window_partition",
+    "window_reverse",
+    "cyclic_shift",
+    "region_labels",
+    "shifted_window_mask",
+    "window_attention_mask",
+]
+
+
+def to_2tuple(x: int | tuple[int, int]) -> tuple[int, int]:
+    """``7 -> (7, 7)``; tuples pass through (validated to length 2)."""
+    if isinstance(x, int):
+        return (x, x)
+    t = tuple(x)
+    if len(t) != 2:
+        raise ValueError(f"expected an int or a pair, got {x!r}")
+    return (int(t[0]), int(t[1]))
+
+
+def pad_to_multiple(x: Tensor, multiple: int | tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+    """Zero-pad ``(B, H, W, C)`` at the bottom/right to multiples of ``multiple``.
+
+    Returns the padded map and ``(pad_h, pad_w)``; no copy when nothing is padded.
+    """
+    mh, mw = to_2tuple(multiple)
+    H, W = x.shape[1], x.shape[2]
+    pad_h, pad_w = (-H) % mh, (-W) % mw
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    return x, (pad_h, pad_w)
+
+
+def padding_mask(
+    height: int, width: int, pad_h: int, pad_w: int, device: torch.device | None = None
+) -> Tensor:
+    """``(H + pad_h, W + pad_w)`` boolean map, True on real tokens, False on padding."""
+    valid = torch.zeros(height + pad_h, width + pad_w, dtype=torch.bool, device=device)
+    valid[:height, :width] = True
+    return valid
+
+
+def window_partition(x: Tensor, window_size: int | tuple[int, int]) -> Tensor:
+    """``(B, H, W, C) -> (B * nW, Mh * Mw, C)``, windows in row-major order per image.
+
+    H and W must be multiples of the window (call :func:`pad_to_multiple` first).
+    """
+    mh, mw = to_2tuple(window_size)
+    B, H, W, C = x.shape
+    if H % mh or W % mw:
+        raise ValueError(
+            f"window_partition: map {H}x{W} is not a multiple of window {mh}x{mw}; "
+            "pad it with pad_to_multiple first"
+        )
+    x = x.view(B, H // mh, mh, W // mw, mw, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, mh * mw, C)
+
+
+def window_reverse(windows: Tensor, window_size: int | tuple[int, int], height: int, width: int) -> Tensor:
+    """Inverse of :func:`window_partition`: ``(B * nW, Mh * Mw, C) -> (B, H, W, C)``."""
+    mh, mw = to_2tuple(window_size)
+    nh, nw = height // mh, width // mw
+    C = windows.shape[-1]
+    x = windows.view(-1, nh, nw, mh, mw, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, C)
+
+
+def cyclic_shift(x: Tensor, shift: int | tuple[int, int]) -> Tensor:
+    """Roll ``(B, H, W, C)`` by ``-shift`` (towards the top-left), Swin's forward shift.
+
+    ``cyclic_shift(x, -s)`` undoes ``cyclic_shift(x, s)``.
+    """
+    sh, sw = to_2tuple(shift)
+    if sh == 0 and sw == 0:
+        return x
+    return torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+
+
+def region_labels(
+    height: int, width: int, window_size: int | tuple[int, int], shift: int | tuple[int, int],
+    device: torch.device | None = None,
+) -> Tensor:
+    """``(H, W)`` integer labels of the regions Swin's shifted partition mixes.
+
+    With the map shifted by ``s``, the last ``M`` rows (and columns) of the padded map
+    hold three regions: ``[H-M, H-s)`` and ``[H-s, H)`` came from different places, and
+    everything above is one region. Tokens may attend each other only if their labels
+    match. Labels are ``3 * row_region + col_region``.
+    """
+    mh, mw = to_2tuple(window_size)
+    sh, sw = to_2tuple(shift)
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    row_region = (rows >= height - mh).long() + (rows >= height - sh).long() * (sh > 0)
+    col_region = (cols >= width - mw).long() + (cols >= width - sw).long() * (sw > 0)
+    if sh == 0:
+        row_region = torch.zeros_like(row_region)
+    if sw == 0:
+        col_region = torch.zeros_like(col_region)
+    return row_region[:, None] * 3 + col_region[None, :]
+
+
+def shifted_window_mask(
+    height: int, width: int, window_size: int | tuple[int, int], shift: int | tuple[int, int],
+    device: torch.device | None = None,
+) -> Tensor:
+    """Swin's SW-MSA mask: ``(nW, N, N)`` boolean keep mask for a shifted ``H x W`` map.
+
+    ``H``, ``W`` are the (padded) map size, multiples of the window; ``N = Mh * Mw``.
+    """
+    labels = region_labels(height, width, window_size, shift, device=device)
+    win = window_partition(labels[None, :, :, None], window_size)[..., 0]  # (nW, N)
+    return win[:, :, None] == win[:, None, :]
+
+
+def window_attention_mask(
+    height: int,
+    width: int,
+    window_size: int | tuple[int, int],
+    shift: int | tuple[int, int] = 0,
+    device: torch.device | None = None,
+) -> tuple[Tensor | None, int, int]:
+    """Keep mask for (shifted) window attention over an ``H x W`` map of any size.
+
+    Pads to a multiple of the window, shifts, and combines Swin's region mask with the
+    padding mask (padded keys are never attended). Returns ``(mask, pad_h, pad_w)`` with
+    ``mask`` of shape ``(nW, N, N)``, or ``None`` when no token needs masking, which lets
+    the fused kernel skip masking entirely.
+    """
+    mh, mw = to_2tuple(window_size)
+    sh, sw = to_2tuple(shift)
+    pad_h, pad_w = (-height) % mh, (-width) % mw
+    if not (pad_h or pad_w or sh or sw):
+        return None, 0, 0
+    Hp, Wp = height + pad_h, width + pad_w
+    keep = shifted_window_mask(Hp, Wp, (mh, mw), (sh, sw), device=device)
+    if pad_h or pad_w:
+        valid = padding_mask(height, width, pad_h, pad_w, device=device)
+        valid = cyclic_shift(valid[None, :, :, None], (sh, sw))
+        valid_keys = window_partition(valid, (mh, mw))[..., 0]  # (nW, N)
+        keep = keep & valid_keys[:, None, :]
+    return keep, pad_h, pad_w

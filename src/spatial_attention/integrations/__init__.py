@@ -1,0 +1,1 @@
+"""Optional integrations (timm, Ultralytics), each imported lazily by its own module."""

@@ -1,0 +1,13 @@
+"""Mechanisms as ``nn.Module``s, one family a file; importing registers them."""
+
+from .base import AttentionModule
+from .position import RelativePositionBias
+from .scoring import AdditiveAttention, DotProductAttention, MultiHeadAttention
+
+__all__ = [
+    "AttentionModule",
+    "AdditiveAttention",
+    "DotProductAttention",
+    "MultiHeadAttention",
+    "RelativePositionBias",
+]

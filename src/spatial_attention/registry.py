@@ -1,0 +1,199 @@
+"""Name -> mechanism, with the metadata the CLI, the README and the benchmarks read.
+
+Every mechanism class is registered once with :func:`register`; users build one with
+:func:`create` and browse with :func:`list_mechanisms` / :func:`info`. Names are
+lower-case snake_case and stable: they appear in configs, YAMLs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+FAMILIES = (
+    "channel",
+    "spatial",
+    "channel_spatial",
+    "branch",
+    "temporal",
+    "token_local",
+    "token_global",
+    "token_feature_space",
+    "multi_view",
+    "restoration",
+    "workspace",
+    "sequence",
+)
+
+#: layout name -> the tensor layout a mechanism takes and returns
+LAYOUTS = {
+    "map": "(B, C, H, W)",
+    "tokens": "(B, H, W, C)",
+    "sequence": "(B, N, C)",
+}
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class MechanismInfo:
+    """What the registry knows about one mechanism."""
+
+    name: str
+    cls: type
+    family: str
+    layout: str
+    paper: str
+    year: int | None
+    cost: str = ""
+    captures: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def signature(self) -> str:
+        """The constructor signature, e.g. ``(dim, num_heads, bias=True)``."""
+        sig = inspect.signature(self.cls.__init__)
+        params = [
+            p.replace(annotation=inspect.Parameter.empty)
+            for p in sig.parameters.values()
+            if p.name != "self"
+        ]
+        return str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty))
+
+    @property
+    def summary(self) -> str:
+        """First line of the class docstring."""
+        doc = inspect.getdoc(self.cls) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+    def describe(self) -> str:
+        """A multi-line human description, used by ``spatial-attention info``."""
+        lines = [
+            f"{self.name}: {self.summary}",
+            f"  class:    {self.cls.__module__}.{self.cls.__qualname__}",
+            f"  family:   {self.family}",
+            f"  layout:   {self.layout} {LAYOUTS[self.layout]}",
+            f"  paper:    {self.paper}" + (f" ({self.year})" if self.year else ""),
+            f"  signature: {self.name}{self.signature}",
+        ]
+        if self.defaults:
+            lines.append(f"  registered defaults: {self.defaults}")
+        if self.cost:
+            lines.append(f"  cost:     {self.cost}")
+        if self.captures:
+            lines.append(f"  captures: {self.captures}")
+        return "\n".join(lines)
+
+
+_REGISTRY: dict[str, MechanismInfo] = {}
+
+
+def register(
+    name: str,
+    *,
+    family: str,
+    layout: str,
+    paper: str,
+    year: int | None = None,
+    cost: str = "",
+    captures: str = "",
+    **defaults: Any,
+) -> Callable[[type], type]:
+    """Class decorator that registers a mechanism under ``name``.
+
+    ``defaults`` are constructor keyword arguments bound to this name, so one class can
+    be registered twice (``dot_product`` and ``scaled_dot_product`` share a class).
+    """
+    if not _NAME_RE.match(name):
+        raise ValueError(f"mechanism name {name!r} must be lower-case snake_case")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r} for {name!r}; expected one of {FAMILIES}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r} for {name!r}; expected one of {tuple(LAYOUTS)}")
+
+    def deco(cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
+            raise ValueError(f"mechanism {name!r} is already registered to {_REGISTRY[name].cls}")
+        _REGISTRY[name] = MechanismInfo(
+            name=name,
+            cls=cls,
+            family=family,
+            layout=layout,
+            paper=paper,
+            year=year,
+            cost=cost,
+            captures=captures,
+            defaults=dict(defaults),
+        )
+        names = getattr(cls, "registered_names", ())
+        cls.registered_names = (*names, name)
+        return cls
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    # Registration happens at import of the layer modules; importing the package's
+    # layers here keeps `registry` usable on its own.
+    from . import layers  # noqa: F401
+
+
+def unknown_name_error(kind: str, name: str, known: list[str]) -> ValueError:
+    """A ValueError naming the closest known names, shared by mechanisms and models."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    if not close:
+        close = [k for k in known if name and (name in k or k in name)][:3]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ValueError(
+        f"unknown {kind} {name!r}{hint} (see `spatial-attention list` for all {len(known)})"
+    )
+
+
+def info(name: str) -> MechanismInfo:
+    """Metadata of a registered mechanism; unknown names list the closest ones."""
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise unknown_name_error("mechanism", name, sorted(_REGISTRY)) from None
+
+
+def create(name: str, *args: Any, **kwargs: Any):
+    """Build mechanism ``name`` with the given constructor arguments.
+
+    >>> import spatial_attention as sa
+    >>> attn = sa.create("multi_head", 64, 4)
+    """
+    entry = info(name)
+    return entry.cls(*args, **{**entry.defaults, **kwargs})
+
+
+def list_mechanisms(family: str | None = None, layout: str | None = None) -> list[str]:
+    """Sorted names of registered mechanisms, optionally filtered."""
+    _ensure_loaded()
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {tuple(LAYOUTS)}")
+    return sorted(
+        n
+        for n, e in _REGISTRY.items()
+        if (family is None or e.family == family) and (layout is None or e.layout == layout)
+    )
+
+
+def markdown_table() -> str:
+    """The mechanism table of the README, generated from the registry."""
+    _ensure_loaded()
+    rows = ["| name | family | layout | paper | year |", "|---|---|---|---|---|"]
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    for e in sorted(_REGISTRY.values(), key=lambda e: (order[e.family], e.name)):
+        rows.append(
+            f"| `{e.name}` | {e.family} | {e.layout} `{LAYOUTS[e.layout]}` | {e.paper} | "
+            f"{e.year or ''} |"
+        )
+    return "\n".join(rows)
