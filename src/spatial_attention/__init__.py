@@ -12,8 +12,10 @@ from .layers import (
     AdditiveAttention,
     AttentionModule,
     DotProductAttention,
+    EfficientChannelAttention,
     MultiHeadAttention,
     RelativePositionBias,
+    SqueezeExcite,
 )
 from .models import create_model, list_models
 from .registry import FAMILIES, LAYOUTS, create, info, list_mechanisms
@@ -27,8 +29,10 @@ __all__ = [
     "AttentionMaps",
     "AttentionModule",
     "DotProductAttention",
+    "EfficientChannelAttention",
     "MultiHeadAttention",
     "RelativePositionBias",
+    "SqueezeExcite",
     "capture_attention",
     "create",
     "create_model",

@@ -55,10 +55,13 @@ class MechanismInfo:
 
     @property
     def signature(self) -> str:
-        """The constructor signature, e.g. ``(dim, num_heads, bias=True)``."""
+        """The constructor signature with this name's bound defaults, e.g. ``(dim, num_heads)``."""
         sig = inspect.signature(self.cls.__init__)
         params = [
-            p.replace(annotation=inspect.Parameter.empty)
+            p.replace(
+                annotation=inspect.Parameter.empty,
+                default=self.defaults.get(p.name, p.default),
+            )
             for p in sig.parameters.values()
             if p.name != "self"
         ]

@@ -1,0 +1,142 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spatial_attention.functional import (
+    additive_scores,
+    attention,
+    dot_product_scores,
+    masked_softmax,
+    scaled_dot_product_scores,
+    sequence_mask,
+)
+
+
+def test_masked_softmax_1d_valid_lens_hand_computed():
+    scores = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], [[1.0, 1.0, 5.0], [2.0, 0.0, 1.0]]])
+    out = masked_softmax(scores, torch.tensor([2, 3]))
+    e1, e2 = math.exp(1.0), math.exp(2.0)
+    expected0 = torch.tensor([[e1 / (e1 + e2), e2 / (e1 + e2), 0.0], [0.5, 0.5, 0.0]])
+    torch.testing.assert_close(out[0], expected0)
+    torch.testing.assert_close(out[1], torch.softmax(scores[1], -1))
+    assert (out[0, :, 2] == 0).all()  # exactly zero, not merely small
+
+
+def test_masked_softmax_2d_valid_lens_per_query():
+    scores = torch.zeros(1, 3, 4)
+    out = masked_softmax(scores, torch.tensor([[1, 2, 4]]))
+    expected = torch.tensor([[[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.25, 0.25, 0.25, 0.25]]])
+    torch.testing.assert_close(out, expected)
+
+
+def test_masked_softmax_length_zero_gives_zeros_not_nan():
+    scores = torch.randn(2, 2, 3)
+    out = masked_softmax(scores, torch.tensor([0, 3]))
+    assert torch.isfinite(out).all()
+    assert (out[0] == 0).all()
+    torch.testing.assert_close(out[1], torch.softmax(scores[1], -1))
+
+
+def test_masked_softmax_full_length_equals_softmax():
+    scores = torch.randn(3, 4, 5)
+    torch.testing.assert_close(masked_softmax(scores, torch.tensor([5, 5, 5])), F.softmax(scores, -1))
+    torch.testing.assert_close(masked_softmax(scores), F.softmax(scores, -1))
+
+
+def test_masked_softmax_broadcasts_over_heads():
+    scores = torch.randn(2, 4, 3, 6)  # (B, heads, Q, K)
+    out = masked_softmax(scores, torch.tensor([2, 6]))
+    assert (out[0, ..., 2:] == 0).all()
+    torch.testing.assert_close(out.sum(-1), torch.ones(2, 4, 3))
+
+
+def test_masked_softmax_bad_valid_lens():
+    with pytest.raises(ValueError, match="valid_lens"):
+        masked_softmax(torch.randn(2, 3, 4), torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch"):
+        masked_softmax(torch.randn(2, 3, 4), torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="boolean"):
+        masked_softmax(torch.randn(2, 3, 4), mask=torch.ones(2, 3, 4))
+
+
+def test_masked_softmax_gradcheck_float64():
+    scores = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda s: masked_softmax(s, torch.tensor([2, 0])), (scores,))
+    torch.autograd.gradcheck(lambda s: masked_softmax(s, torch.tensor([[1, 2, 4], [3, 3, 3]])), (scores,))
+
+
+def test_sequence_mask():
+    m = sequence_mask(torch.tensor([0, 2, 3]), 3)
+    assert m.tolist() == [[False, False, False], [True, True, False], [True, True, True]]
+
+
+def test_scores_match_definitions():
+    q, k = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    torch.testing.assert_close(dot_product_scores(q, k), torch.einsum("bqd,bkd->bqk", q, k))
+    torch.testing.assert_close(scaled_dot_product_scores(q, k), dot_product_scores(q, k) / math.sqrt(8))
+    wq, wk, wv = torch.randn(6, 8), torch.randn(6, 8), torch.randn(6)
+    ref = torch.empty(2, 3, 5)
+    for b in range(2):
+        for i in range(3):
+            for j in range(5):
+                ref[b, i, j] = wv @ torch.tanh(wq @ q[b, i] + wk @ k[b, j])
+    torch.testing.assert_close(additive_scores(q, k, wq, wk, wv), ref)
+
+
+def _masks(B, h, Q, K):
+    keep = torch.rand(B, 1, Q, K) > 0.3
+    keep[..., 0] = True  # every query keeps a key
+    return {
+        "none": None,
+        "bool": keep,
+        "float": torch.randn(1, h, Q, K),
+    }
+
+
+@pytest.mark.parametrize("kind", ["none", "bool", "float"])
+def test_fused_equals_explicit(kind):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 7, 16), torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 8)
+    mask = _masks(2, 3, 7, 9)[kind]
+    fused = attention(q, k, v, mask)
+    explicit, w = attention(q, k, v, mask, fused=False, return_weights=True)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    assert w.shape == (2, 3, 7, 9)
+    if kind == "bool":
+        assert (w[~mask.expand_as(w)] == 0).all()
+
+
+def test_fully_masked_query_row_is_zero_on_both_paths():
+    q, k, v = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+    keep = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    keep[..., 1, :] = False
+    fused = attention(q, k, v, keep)
+    explicit = attention(q, k, v, keep, fused=False)
+    assert torch.isfinite(fused).all() and (fused[..., 1, :] == 0).all()
+    torch.testing.assert_close(fused, explicit)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kind", ["none", "bool", "float"])
+def test_attention_gradcheck_float64(fused, kind):
+    torch.manual_seed(1)
+    q = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True)
+    mask = _masks(1, 2, 3, 5)[kind]
+    if kind == "float":
+        mask = mask.double().requires_grad_()
+        torch.autograd.gradcheck(lambda a, b, c, m: attention(a, b, c, m, fused=fused), (q, k, v, mask))
+    else:
+        torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, mask, fused=fused), (q, k, v))
+
+
+def test_attention_clear_errors():
+    with pytest.raises(ValueError, match="query dim"):
+        attention(torch.randn(1, 3, 4), torch.randn(1, 3, 5), torch.randn(1, 3, 5))
+    with pytest.raises(ValueError, match="values"):
+        attention(torch.randn(1, 3, 4), torch.randn(1, 3, 4), torch.randn(1, 2, 4))
+    with pytest.raises(ValueError, match="rank"):
+        attention(torch.randn(4), torch.randn(4), torch.randn(4))
