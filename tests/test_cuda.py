@@ -1,0 +1,60 @@
+"""CUDA correctness of the fast paths; skipped on machines without a GPU."""
+
+import pytest
+import torch
+
+import spatial_attention as sa
+from spatial_attention import explicit_path
+from spatial_attention.functional import attention, window_attention_mask
+
+
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("kind", ["none", "bool", "float"])
+def test_attention_fused_equals_explicit_cuda(dtype, tol, kind):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 49, 32, device="cuda", dtype=dtype, generator=g) for _ in range(3))
+    mask = None
+    if kind == "bool":
+        mask, _, _ = window_attention_mask(14, 14, 7, 3, device="cuda")  # (4, 49, 49)
+    elif kind == "float":
+        mask = torch.randn(4, 49, 49, device="cuda", dtype=dtype, generator=g)
+    fused = attention(q, k, v, mask)
+    ref = attention(q.double(), k.double(), v.double(), mask if mask is None or mask.dtype == torch.bool
+                    else mask.double(), fused=False)
+    torch.testing.assert_close(fused.double(), ref, atol=tol, rtol=tol)
+
+
+def test_fully_masked_rows_zero_and_finite_grads_cuda():
+    q, k, v = (torch.randn(1, 2, 8, 16, device="cuda", requires_grad=True) for _ in range(3))
+    keep = torch.ones(1, 1, 8, 8, dtype=torch.bool, device="cuda")
+    keep[..., 3, :] = False
+    out = attention(q, k, v, keep)
+    assert torch.isfinite(out).all() and (out[..., 3, :] == 0).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("name", ["multi_head", "se", "eca"])
+def test_cuda_matches_cpu(name):
+    cls = sa.info(name).cls
+    module, inputs = cls.example(name, 2, 32, (7, 5))
+    module = module.eval()
+    ref = module(*inputs)
+    gpu = module.cuda()
+    out = gpu(*(t.cuda() for t in inputs))
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+    with explicit_path(gpu):
+        torch.testing.assert_close(gpu(*(t.cuda() for t in inputs)).cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_multi_head_backward_cuda_bf16_autocast():
+    m = sa.create("multi_head", 64, 4).cuda()
+    x = torch.randn(4, 196, 64, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = m(x, valid_lens=torch.tensor([196, 100, 50, 1], device="cuda"))
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
