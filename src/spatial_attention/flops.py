@@ -1,0 +1,107 @@
+"""FLOP counting with ``torch.utils.flop_counter``, CPU fused attention included.
+
+``FlopCounterMode`` knows the CUDA attention kernels (flash, memory-efficient, cuDNN)
+but not the CPU one that ``F.scaled_dot_product_attention`` dispatches to for 4-D
+inputs, ``aten._scaled_dot_product_flash_attention_for_cpu``, nor its backward: on
+CPU, every fused mechanism would count 0 FLOPs for its attention. Importing this module
+registers formulas for both (once; a later PyTorch that has its own keeps them).
+
+Convention (the one PyTorch uses for its CUDA kernels): a multiply-add is 2 FLOPs; only
+the two matrix products count, not the softmax, the scale or the mask; a causal mask is
+not discounted. For ``q (..., Q, d)``, ``k (..., K, d)``, ``v (..., K, dv)``, with ``n``
+the product of the leading dimensions of ``q`` (batch x heads; grouped key/value heads
+are broadcast to the query heads):
+
+* forward: ``2 n Q K d`` (``q k^T``) + ``2 n Q K dv`` (weights x ``v``), i.e.
+  ``4 B h Q K d`` when ``dv == d``;
+* backward: the scores are recomputed (``2 n Q K d``), then ``d(weights)`` and
+  ``dv`` (``2 n Q K dv`` each), ``dq`` and ``dk`` (``2 n Q K d`` each): ``2 n Q K (3 d +
+  2 dv)``. An explicit (unfused) attention's backward costs ``4 n Q K (d + dv)``, as
+  it keeps the weights instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+__all__ = [
+    "sdpa_forward_flops",
+    "sdpa_backward_flops",
+    "register_cpu_attention_formulas",
+    "count_flops",
+]
+
+_aten = torch.ops.aten
+
+
+def _dims(
+    query: Sequence[int], key: Sequence[int], value: Sequence[int]
+) -> tuple[int, int, int, int, int]:
+    """``(n, Q, K, d, dv)`` from the three shapes, checked."""
+    if len(query) < 2 or len(key) != len(query) or len(value) != len(query):
+        raise ValueError(
+            f"attention FLOPs: query, key, value need equal rank >= 2, got {tuple(query)}, "
+            f"{tuple(key)}, {tuple(value)}"
+        )
+    if query[-1] != key[-1] or key[-2] != value[-2]:
+        raise ValueError(
+            f"attention FLOPs: incompatible shapes q {tuple(query)}, k {tuple(key)}, "
+            f"v {tuple(value)}"
+        )
+    return math.prod(query[:-2]), query[-2], key[-2], query[-1], value[-1]
+
+
+def sdpa_forward_flops(
+    query: Sequence[int], key: Sequence[int], value: Sequence[int]
+) -> int:
+    """FLOPs of one attention forward, ``2 n Q K (d + dv)`` (see the module doc)."""
+    n, q, k, d, dv = _dims(query, key, value)
+    return 2 * n * q * k * (d + dv)
+
+
+def sdpa_backward_flops(
+    query: Sequence[int], key: Sequence[int], value: Sequence[int]
+) -> int:
+    """FLOPs of one fused attention backward, ``2 n Q K (3 d + 2 dv)`` (see the module doc)."""
+    n, q, k, d, dv = _dims(query, key, value)
+    return 2 * n * q * k * (3 * d + 2 * dv)
+
+
+def _cpu_flash_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_forward_flops(query, key, value)
+
+
+def _cpu_flash_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flops(query, key, value)
+
+
+def register_cpu_attention_formulas() -> None:
+    """Teach ``FlopCounterMode`` the CPU fused attention kernels. Idempotent.
+
+    Only counter modes created afterwards see the formulas (each copies the registry).
+    """
+    pairs = (
+        ("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash_forward),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_backward),
+    )
+    for op_name, formula in pairs:
+        op = getattr(_aten, op_name, None)
+        if op is None or op in flop_counter.flop_registry:
+            continue
+        register_flop_formula(op)(formula)
+
+
+register_cpu_attention_formulas()
+
+
+def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:
+    """Run ``fn(*args, **kwargs)`` under a ``FlopCounterMode``; ``(total FLOPs, result)``."""
+    with FlopCounterMode(display=False) as counter:
+        result = fn(*args, **kwargs)
+    return counter.get_total_flops(), result

@@ -1,0 +1,237 @@
+"""The cost harness: FLOP formulas, the CPU memory tracker, benchmark(), the CLI."""
+
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from spatial_attention import bench, registry
+from spatial_attention.errors import UsageError
+from spatial_attention.flops import (
+    count_flops,
+    register_cpu_attention_formulas,
+    sdpa_backward_flops,
+    sdpa_forward_flops,
+)
+from spatial_attention.layers.base import AttentionModule
+from spatial_attention.memory import TensorMemoryTracker, peak_memory_bytes, storage_bytes
+
+CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+# -- FLOPs -------------------------------------------------------------------------------
+def test_cpu_sdpa_flops_equal_the_explicit_matmul_count():
+    B, h, Q, K, d = 2, 3, 16, 12, 8
+    q = torch.randn(B, h, Q, d, requires_grad=True)
+    k = torch.randn(B, h, K, d, requires_grad=True)
+    v = torch.randn(B, h, K, d, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        out = F.scaled_dot_product_attention(q, k, v)
+    # the fused CPU kernel ran, and was counted as q k^T plus weights @ v
+    assert CPU_FLASH in counter.get_flop_counts()["Global"]
+    assert counter.get_total_flops() == 4 * B * h * Q * K * d
+    # the same count as the explicit math, whose matmuls PyTorch already knows
+    explicit, _ = count_flops(lambda: (q @ k.transpose(-2, -1)).softmax(-1) @ v)
+    assert explicit == 4 * B * h * Q * K * d
+
+    backward, _ = count_flops(lambda: out.sum().backward())
+    assert backward == 2 * B * h * Q * K * (3 * d + 2 * d)  # scores recomputed
+    assert q.grad is not None
+
+
+def test_sdpa_formulas_with_other_value_width_and_registration_is_idempotent():
+    register_cpu_attention_formulas()
+    register_cpu_attention_formulas()  # no "duplicate registration" error
+    q, k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 7, 4), torch.randn(2, 2, 7, 6)
+    flops, _ = count_flops(F.scaled_dot_product_attention, q, k, v)
+    assert flops == sdpa_forward_flops(q.shape, k.shape, v.shape) == 2 * 4 * 5 * 7 * (4 + 6)
+    assert sdpa_backward_flops(q.shape, k.shape, v.shape) == 2 * 4 * 5 * 7 * (3 * 4 + 2 * 6)
+    with pytest.raises(ValueError, match="incompatible"):
+        sdpa_forward_flops((2, 5, 4), (2, 7, 3), (2, 7, 6))
+
+
+# -- memory ------------------------------------------------------------------------------
+def test_tracker_counts_allocations_frees_views_and_in_place_by_hand():
+    with TensorMemoryTracker() as mem:
+        a = torch.empty(1000)  # 4000 B
+        b = torch.empty(500, dtype=torch.float64)  # 4000 B -> 8000
+        a_view = a[10:].view(-1, 10)  # a view allocates nothing
+        b.add_(1.0)  # neither does an in-place op
+        assert mem.current_bytes == 8000
+        del a  # the view keeps a's storage alive
+        assert mem.current_bytes == 8000
+        del a_view  # now it is freed
+        assert mem.current_bytes == 4000
+        c = torch.empty(3000)  # 12000 B -> 16000, the peak
+        del b, c
+        d = torch.ones(10, dtype=torch.uint8)  # 10 B
+        assert mem.current_bytes == 10
+    assert mem.peak_bytes == 16000
+    assert storage_bytes([d, d[2:], d.view(2, 5)]) == 10  # aliases count once
+
+
+def test_tracker_on_a_linear_forward_backward_by_hand():
+    lin = torch.nn.Linear(16, 8, bias=False)  # weight 8 x 16 fp32: 512 B
+    x = torch.randn(4, 16)  # 256 B, no grad
+    with TensorMemoryTracker() as mem:
+        mem.add_existing([lin.weight, x, lin.weight.T])  # 768 B; the alias once
+        out = lin(x)  # mm: 4 x 8 -> 128 B
+        loss = out.sum()  # 4 B
+        loss.backward()  # ones_like(loss) 4 B, grad_out is a view; dW = 8 x 16: 512 B
+    assert mem.peak_bytes == 768 + 128 + 4 + 4 + 512
+    assert lin.weight.grad is not None and out.shape == (4, 8)
+
+
+def test_peak_memory_bytes_counts_existing_once_plus_the_step():
+    x = torch.randn(256)  # 1024 B
+
+    def step():
+        y = x * 2  # 1024 B
+        return y + 1  # 1024 B, returned and dropped at the end
+
+    assert peak_memory_bytes(step, "cpu", [x, x[1:]]) == 1024 + 2048
+
+
+# -- benchmark() -------------------------------------------------------------------------
+def test_benchmark_two_tiny_mechanisms():
+    B, C, (H, W) = 1, 8, (4, 4)
+    results = bench.benchmark(
+        ["multi_head", "scaled_dot_product"], batch=B, channels=C, size=(H, W),
+        repeats=2, warmup=1,
+    )
+    assert [r.name for r in results] == ["multi_head", "scaled_dot_product"]
+    for r in results:
+        assert r.ok, r.error
+        assert r.fwd_gflops > 0 and r.fwd_bwd_gflops > r.fwd_gflops
+        assert r.fwd_ms > 0 and r.fwd_bwd_ms > 0 and r.peak_mib > 0
+        assert r.family == "sequence" and r.layout == "sequence"
+        assert r.dtype == "float32" and r.device == "cpu" and r.threads >= 1
+        assert r.torch_version == torch.__version__
+    mh, sdp = results
+    assert mh.params == 4 * C * C + 4 * C
+    assert sdp.params == 0
+    N = H * W
+    # four projections plus the fused attention (one head of width C), all counted
+    assert round(mh.fwd_gflops * 1e9) == 4 * 2 * B * N * C * C + 4 * B * N * N * C
+    assert mh.input_shape == f"{B}x{N}x{C}"
+    # the inputs alone (one tensor, passed three times) are the least peak possible
+    assert sdp.peak_mib * 2**20 > B * N * C * 4
+
+
+def test_benchmark_dtypes_and_forward_only():
+    for dtype in ("bfloat16", "float64"):
+        (r,) = bench.benchmark(["multi_head"], batch=1, channels=8, size=(2, 3), dtype=dtype,
+                               repeats=1, warmup=0)
+        assert r.ok, r.error
+        assert r.dtype == dtype and r.fwd_gflops > 0
+    (r,) = bench.benchmark(["multi_head"], batch=1, channels=8, size=(2, 3), backward=False,
+                           repeats=1, warmup=0)
+    assert r.ok and r.fwd_ms > 0 and r.peak_mib > 0
+    assert math.isnan(r.fwd_bwd_ms) and math.isnan(r.fwd_bwd_gflops)
+
+
+class _FailsAtRunTime(AttentionModule):
+    """A mechanism that builds but breaks when it computes (as if out of memory)."""
+
+    layout = "sequence"
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        if not x.is_meta:
+            raise RuntimeError("boom: out of memory")
+        return self.proj(x)
+
+
+def test_a_failing_mechanism_gets_an_error_row_and_the_others_run(monkeypatch):
+    info = registry.MechanismInfo(
+        name="fails_at_run_time", cls=_FailsAtRunTime, family="sequence", layout="sequence",
+        paper="none", year=None,
+    )
+    monkeypatch.setitem(registry._REGISTRY, "fails_at_run_time", info)
+    monkeypatch.setattr(_FailsAtRunTime, "registered_names", ("fails_at_run_time",))
+    results = bench.benchmark(["fails_at_run_time", "multi_head"], batch=1, channels=8,
+                              size=(2, 2), repeats=1, warmup=0)
+    broken, ok = results
+    assert "boom" in broken.error and math.isnan(broken.fwd_ms)
+    assert broken.params == 8 * 8 + 8  # measured before it failed
+    assert ok.ok and ok.fwd_ms > 0
+    table = bench.format_table(results)
+    assert "fails_at_run_time: RuntimeError: boom" in table
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(size=(0, 4)), "size"),
+        (dict(size=(4,)), "size"),
+        (dict(channels=0), "channels"),
+        (dict(channels=100), "cannot run with channels=100"),  # 3 heads do not divide 100
+        (dict(batch=0), "batch"),
+        (dict(repeats=0), "repeats"),
+        (dict(dtype="float16"), "dtype"),
+        (dict(device="tpu"), "device"),
+        (dict(threads=0), "threads"),
+    ],
+)
+def test_bad_arguments_raise_usage_error_before_any_compute(monkeypatch, kwargs, match):
+    def no_compute(*args, **kw):
+        raise AssertionError("computed before validating")
+
+    monkeypatch.setattr(bench, "_bench_one", no_compute)
+    with pytest.raises(UsageError, match=match):
+        bench.benchmark(["multi_head"], **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")
+def test_cuda_without_cuda_is_a_usage_error():
+    with pytest.raises(UsageError, match="CUDA is not available"):
+        bench.benchmark(["multi_head"], device="cuda")
+
+
+def test_unknown_name_is_the_registry_error():
+    with pytest.raises(ValueError, match="multi_head"):
+        bench.benchmark(["multihead"])
+
+
+def test_write_csv_one_row_per_mechanism_with_empty_cells_for_nan(tmp_path):
+    rows = [
+        bench.BenchResult("a", "sequence", "sequence", "1x2x3", "float32", "cpu", 10,
+                          fwd_gflops=0.5, fwd_ms=1.25, peak_mib=2.0, threads=2),
+        bench.BenchResult("b", "channel", "map", "", "float32", "cpu", 0, error="oom"),
+    ]
+    path = bench.write_csv(rows, tmp_path / "sub" / "r.csv")
+    with path.open() as f:
+        got = list(csv.DictReader(f))
+    assert tuple(got[0]) == bench.CSV_COLUMNS
+    assert got[0]["fwd_gflops"] == "0.5" and got[0]["fwd_bwd_ms"] == ""
+    assert got[1]["error"] == "oom" and got[1]["fwd_ms"] == ""
+
+
+# -- the command line --------------------------------------------------------------------
+def test_cli_writes_csv_and_png(cli, tmp_path):
+    out, png = tmp_path / "tmp.csv", tmp_path / "tmp.png"
+    r = cli("bench", "multi_head", "--size", "4", "4", "--channels", "8", "--batch", "1",
+            "--repeats", "2", "--out", str(out), "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    assert "multi_head" in r.stdout and "fwd ms" in r.stdout
+    with out.open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["name"] == "multi_head" and row["params"] == str(4 * 8 * 8 + 4 * 8)
+    assert row["input_shape"] == "1x16x8" and row["error"] == ""
+    assert float(row["fwd_ms"]) > 0 and float(row["peak_mib"]) > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args", [("nosuch",), ("multi_head", "--size", "0", "4")])
+def test_cli_bad_input_exits_2_with_one_line(cli, args):
+    r = cli("bench", *args)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr and "bench" in lines[0]
