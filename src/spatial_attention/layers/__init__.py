@@ -1,16 +1,27 @@
-"""Mechanisms as ``nn.Module``s, one family a file; importing registers them."""
+"""Mechanisms as ``nn.Module``s, one family a file; importing registers them.
+
+Every module of this package is imported here, so a new family file registers its
+mechanisms without further wiring; the classes people import by name are re-exported.
+"""
+
+import importlib as _importlib
+import pkgutil as _pkgutil
 
 from .base import AttentionModule
 from .channel import EfficientChannelAttention, SqueezeExcite
 from .position import RelativePositionBias
 from .scoring import AdditiveAttention, DotProductAttention, MultiHeadAttention
 
+for _mod in _pkgutil.iter_modules(__path__):
+    if not _mod.name.startswith("_"):
+        _importlib.import_module(f"{__name__}.{_mod.name}")
+
 __all__ = [
     "AttentionModule",
     "AdditiveAttention",
-    "EfficientChannelAttention",
-    "SqueezeExcite",
     "DotProductAttention",
+    "EfficientChannelAttention",
     "MultiHeadAttention",
     "RelativePositionBias",
+    "SqueezeExcite",
 ]
