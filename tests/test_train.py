@@ -1,0 +1,246 @@
+"""The training pipeline: learning, exact resume, signals, DDP, the CLI, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spatial_attention.checkpoint import check_state_dict, load_weights
+from spatial_attention.cli import build_parser
+from spatial_attention.cli import main as cli_main
+from spatial_attention.errors import UsageError
+from spatial_attention.models import create_model
+from spatial_attention.train import evaluate_run
+
+# a ResNet-10 of width 8 on 16x16 digits: 44 steps an epoch, milliseconds a step
+TINY = ["--model", "resnet10_cifar", "--model-arg", "width=8", "--img-size", "16",
+        "--batch", "32", "--workers", "0", "--amp", "off", "--no-progress"]
+VIT = ["--model", "vit_micro_cifar", "--model-arg", "dim=24", "--model-arg", "depth=2",
+       "--model-arg", "num_heads=2", "--img-size", "16", "--batch", "32", "--workers", "0",
+       "--amp", "off", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These runs are tiny: one intra-op thread is as fast, and it does not stall when
+    # the CI machine's cores are shared (an OpenMP barrier waiting on a preempted thread).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def train(*args: str) -> int:
+    """``spatial-attention train ARGS`` in this process; the exit status."""
+    return cli_main(["train", *args])
+
+
+def train_raises(*args: str) -> int:
+    """Like :func:`train` but errors propagate (to match their message)."""
+    args_ns = build_parser().parse_args(["train", *args])
+    return args_ns.func(args_ns)
+
+
+def weights(run: Path, name: str = "model") -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoint" / f"{name}.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0.0:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _env() -> dict[str, str]:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_tiny_digits_run_learns_without_network(tmp_path, monkeypatch, capsys):
+    def no_network(*a, **k):
+        raise AssertionError("training tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    t0 = time.perf_counter()
+    # default precision (bf16 where the CPU supports it) and channels_last
+    assert train("--model", "resnet10_cifar", "--model-arg", "width=8", "--img-size", "16",
+                 "--batch", "32", "--workers", "0", "--epochs", "2", "--no-progress",
+                 "--out", str(tmp_path / "run")) == 0
+    elapsed = time.perf_counter() - t0
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 2
+    assert float(rows[-1]["val_acc"]) > 0.6, rows  # chance is 0.1
+    assert elapsed < 60
+    out = capsys.readouterr().out
+    assert "epoch 2/2" in out and "val_acc" in out
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["settings"]["epochs"] == 2 and cfg["data"]["classes"][0] == "0"
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("arch", ["resnet", "vit"])
+def test_stop_and_resume_is_exact(tmp_path, arch):
+    """Stopped twice mid-epoch and resumed == never stopped (bitwise, on CPU)."""
+    if arch == "resnet":  # BatchNorm buffers, EMA, SGD momentum
+        args = [*TINY, "--opt", "sgd", "--lr", "0.05", "--ema", "0.9", "--epochs", "2"]
+    else:  # stochastic depth draws from the RNG; AdamW moments
+        args = [*VIT, "--model-arg", "drop_path=0.2", "--epochs", "2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(*args, "--out", str(a)) == 0
+    assert train(*args, "--out", str(b), "--stop-at-step", "20") == 0
+    state = torch.load(b / "checkpoint" / "state.pt", weights_only=True)
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (0, 20, 20)
+    assert train("--resume", str(b), "--stop-at-step", "57") == 0  # mid second epoch
+    assert train("--out", str(b), "--resume") == 0
+    assert_same_weights(weights(a), weights(b))
+    if arch == "resnet":
+        assert_same_weights(weights(a, "ema"), weights(b, "ema"))
+    ra, rb = metrics(a), metrics(b)
+    for key in ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc"):
+        assert [r[key] for r in ra] == [r[key] for r in rb], key
+    # a finished run resumes to nothing
+    assert train("--resume", str(b)) == 0
+
+
+def test_resume_refuses_changed_settings(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert train(*TINY, "--epochs", "1", "--out", str(run), "--stop-at-step", "3") == 0
+    with pytest.raises(UsageError, match=r"--lr 0.5 \(the run has 0.002\)"):
+        train_raises("--resume", str(run), "--lr", "0.5")
+    with pytest.raises(UsageError, match="already holds a run"):
+        train_raises(*TINY, "--epochs", "1", "--out", str(run))
+    with pytest.raises(UsageError, match="not a training run"):
+        train_raises("--resume", str(tmp_path))
+
+
+def test_sigterm_saves_then_resumes_exactly(tmp_path):
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    cmd = [sys.executable, "-m", "spatial_attention.train", *TINY, "--epochs", "40",
+           "--out", str(run)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 60
+        while not (run / "metrics.csv").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # some steps into the run
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM: saved a checkpoint" in out
+    state = torch.load(run / "checkpoint" / "state.pt", weights_only=True)
+    step = state["global_step"]
+    assert step > 0
+    assert train("--resume", str(run), "--stop-at-step", str(step + 3)) == 0
+    assert train(*TINY, "--epochs", "40", "--out", str(ref), "--stop-at-step", str(step + 3)) == 0
+    assert_same_weights(weights(run), weights(ref))
+
+
+def test_ddp_two_gloo_processes_match_single_process(tmp_path):
+    """torchrun with 2 CPU processes and the same global batch == one process."""
+    args = [*VIT, "--opt", "sgd", "--lr", "0.05", "--epochs", "1", "--overlays", "0"]
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "spatial_attention.train", *args, "--out", str(ddp)]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "over 2 processes" in res.stdout
+    assert res.stdout.count("epoch 1/1") == 1  # rank 0 logs alone
+    assert train(*args, "--out", str(single)) == 0
+    assert_same_weights(weights(ddp), weights(single), atol=1e-5)
+    cfg = json.loads((ddp / "config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["local_batch"] == 16
+    ra, rb = metrics(ddp)[0], metrics(single)[0]
+    assert abs(float(ra["val_acc"]) - float(rb["val_acc"])) < 0.01
+    assert abs(float(ra["train_loss"]) - float(rb["train_loss"])) < 1e-4
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("spatial-attention")
+    cmd = [exe] if exe else [sys.executable, "-m", "spatial_attention"]
+    return subprocess.run([*cmd, *args], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_train_then_evaluate(tmp_path):
+    run = tmp_path / "vit"
+    res = cli("train", *VIT, "--epochs", "1", "--out", str(run), "--overlays", "2")
+    assert res.returncode == 0, res.stderr
+    assert "attention overlays" in res.stdout
+    assert len(list((run / "attention").glob("*.png"))) == 2
+    res = cli("evaluate", str(run), "--workers", "0", "--overlays", "1")
+    assert res.returncode == 0, res.stderr
+    assert "accuracy" in res.stdout
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["images"] == 360 and len(ev["per_class_accuracy"]) == 10
+    assert sum(map(sum, ev["confusion"])) == 360
+    assert 0.0 <= ev["accuracy"] <= 1.0
+    assert (run / "confusion.png").stat().st_size > 1000
+
+
+def test_missing_data_path_is_one_line(tmp_path, capsys):
+    assert train(*TINY, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not exist" in err and "Traceback" not in err
+
+
+def test_unreadable_images_are_counted_and_reported(tmp_path, capsys):
+    from test_data import make_folder
+
+    make_folder(tmp_path / "train", per_class=20, corrupt=True)
+    make_folder(tmp_path / "val", per_class=2, corrupt=True)
+    run = tmp_path / "run"
+    assert train(*TINY, "--epochs", "1", "--batch", "61", "--data", str(tmp_path / "train"),
+                 "--out", str(run)) == 0
+    row = metrics(run)[0]
+    assert (row["unreadable_train"], row["unreadable_val"]) == ("1", "1")
+    out = capsys.readouterr().out
+    assert "1 unreadable training images skipped" in out and "9999.jpg" in out
+
+
+def test_checkpoint_errors_name_what_differs(tmp_path):
+    run = tmp_path / "r"
+    assert train(*TINY, "--epochs", "1", "--out", str(run), "--stop-at-step", "2") == 0
+    # another width: shape mismatches by name
+    model = create_model("resnet10_cifar", width=16)
+    with pytest.raises(UsageError, match=r"shape mismatches: fc\.weight \(checkpoint \(10, 64\), "
+                       r"model \(10, 128\)\), .* and \d+ more"):
+        load_weights(model, run / "checkpoint" / "model.safetensors")
+    # another architecture: missing / unexpected keys by name
+    se = create_model("resnet10_cifar", width=8, attn_layer=lambda c: torch.nn.Conv2d(c, c, 1))
+    with pytest.raises(UsageError, match=r"missing keys: layer1\.0\.attn\.bias"):
+        load_weights(se, run / "checkpoint" / "model.safetensors")
+    with pytest.raises(UsageError, match=r"unexpected keys: extra"):
+        check_state_dict({"a": torch.zeros(1)}, {"a": torch.zeros(1), "extra": torch.zeros(1)})
+    # a corrupt file
+    path = run / "checkpoint" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UsageError, match="corrupt or not a safetensors file"):
+        evaluate_run(run, workers=0)
+    (run / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UsageError, match="state.pt is corrupt"):
+        train_raises("--resume", str(run))
