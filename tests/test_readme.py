@@ -1,0 +1,24 @@
+"""The README's promises: its first lines give the two commands, its quick start runs."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_first_lines_give_the_two_commands():
+    head = "\n".join(ROOT.joinpath("README.md").read_text().splitlines()[:8])
+    assert "pip install torch==2.13.0" in head
+    assert "spatial-attention bench" in head
+    assert "pytest" in head
+    ci = ROOT.joinpath(".ci", "run").read_text()
+    assert "python -m pytest -q" in ci and "python -m pytest -q" in head
+
+
+def test_quick_start_runs(tmp_path, monkeypatch):
+    text = ROOT.joinpath("README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python quick start"
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "README quick start", "exec"), {})
+    assert (tmp_path / "heads.png").stat().st_size > 0
