@@ -53,6 +53,25 @@ def test_sdpa_formulas_with_other_value_width_and_registration_is_idempotent():
         sdpa_forward_flops((2, 5, 4), (2, 7, 3), (2, 7, 6))
 
 
+def test_matrix_vector_products_are_counted():
+    # additive attention's w_v^T tanh(...) is (B, Q, K, h) @ (h,): an aten.mv
+    features, w = torch.randn(2, 3, 4, 5), torch.randn(5)
+    assert count_flops(torch.matmul, features, w)[0] == 2 * (2 * 3 * 4) * 5
+    assert count_flops(torch.dot, w, w)[0] == 2 * 5
+    assert count_flops(torch.addmv, torch.randn(3), torch.randn(3, 5), w)[0] == 2 * 3 * 5
+
+
+def test_additive_flops_by_hand():
+    B, C, (H, W) = 2, 8, (2, 3)
+    Q, K, h = H, H * W, C  # its example: H decoder steps reading H*W encoder states
+    (r,) = bench.benchmark(["additive"], batch=B, channels=C, size=(H, W), repeats=1,
+                           warmup=0)
+    projections = 2 * B * Q * C * h + 2 * B * K * C * h
+    scores = 2 * B * Q * K * h  # w_v^T tanh(W_q q + W_k k); the tanh itself is free
+    weighting = 2 * B * Q * K * C
+    assert round(r.fwd_gflops * 1e9) == projections + scores + weighting
+
+
 # -- memory ------------------------------------------------------------------------------
 def test_tracker_counts_allocations_frees_views_and_in_place_by_hand():
     with TensorMemoryTracker() as mem:

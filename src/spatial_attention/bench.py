@@ -118,9 +118,9 @@ def _resolve_dtype(dtype: str | torch.dtype) -> tuple[str, torch.dtype]:
         for label, dt in DTYPES.items():
             if dt == dtype:
                 return label, dt
-        raise UsageError(f"bench: unsupported dtype {dtype}; expected one of {', '.join(DTYPES)}")
+        raise UsageError(f"unsupported dtype {dtype}; expected one of {', '.join(DTYPES)}")
     if dtype not in DTYPES:
-        raise UsageError(f"bench: unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        raise UsageError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     return dtype, DTYPES[dtype]
 
 
@@ -128,15 +128,15 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise UsageError(f"bench: unknown device {device!r}; expected cpu or cuda") from exc
+        raise UsageError(f"unknown device {device!r}; expected cpu or cuda") from exc
     if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"bench: unsupported device {device!r}; expected cpu or cuda")
+        raise UsageError(f"unsupported device {device!r}; expected cpu or cuda")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"bench: device {device!r} asked for, but CUDA is not available")
+            raise UsageError(f"device {device!r} asked for, but CUDA is not available")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(
-                f"bench: device {device!r} asked for, but only {torch.cuda.device_count()} "
+                f"device {device!r} asked for, but only {torch.cuda.device_count()} "
                 "CUDA device(s) are visible"
             )
         if dev.index is None:
@@ -146,7 +146,7 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 def _check_int(label: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"bench: {label} must be an integer >= {minimum}, got {value!r}")
+        raise UsageError(f"{label} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -154,9 +154,9 @@ def _check_size(size: Any) -> tuple[int, int]:
     try:
         h, w = size
     except (TypeError, ValueError):
-        raise UsageError(f"bench: size must be (H, W), got {size!r}") from None
+        raise UsageError(f"size must be (H, W), got {size!r}") from None
     if any(isinstance(s, bool) or not isinstance(s, int) for s in (h, w)) or h < 1 or w < 1:
-        raise UsageError(f"bench: size must be two integers >= 1 (H W), got {h} {w}")
+        raise UsageError(f"size must be two integers >= 1 (H W), got {h} {w}")
     return h, w
 
 
@@ -179,7 +179,7 @@ def _check_buildable(name: str, batch: int, channels: int, size: tuple[int, int]
     except ValueError as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(
-            f"bench: {name} cannot run with channels={channels}, size {size[0]}x{size[1]}: "
+            f"{name} cannot run with channels={channels}, size {size[0]}x{size[1]}: "
             f"{msg}"
         ) from exc
     except Exception:  # noqa: BLE001 - inconclusive on meta, see docstring
@@ -490,7 +490,7 @@ def write_csv(results: Sequence[BenchResult], path: str | Path) -> Path:
 def _require_matplotlib() -> None:
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError(
-            "bench: --plot needs matplotlib, which is not installed "
+            "--plot needs matplotlib, which is not installed "
             "(pip install 'spatial-attention[viz]')"
         )
 
@@ -590,7 +590,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_output_path(label: str, path: str | None) -> None:
     if path is not None and Path(path).is_dir():
-        raise UsageError(f"bench: {label} {path!r} is a directory, expected a file name")
+        raise UsageError(f"{label} {path!r} is a directory, expected a file name")
 
 
 def run(args: argparse.Namespace) -> int:

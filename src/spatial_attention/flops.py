@@ -3,8 +3,12 @@
 ``FlopCounterMode`` knows the CUDA attention kernels (flash, memory-efficient, cuDNN)
 but not the CPU one that ``F.scaled_dot_product_attention`` dispatches to for 4-D
 inputs, ``aten._scaled_dot_product_flash_attention_for_cpu``, nor its backward: on
-CPU, every fused mechanism would count 0 FLOPs for its attention. Importing this module
-registers formulas for both (once; a later PyTorch that has its own keeps them).
+CPU, every fused mechanism would count 0 FLOPs for its attention. It also counts no
+matrix-vector product (``aten.mv``, ``addmv``, ``dot``, ``vdot``), which ``x @ w`` with
+a 1-D ``w`` becomes (additive attention's ``w_v^T tanh(...)``). Importing this module
+registers formulas for all of them (once; a later PyTorch that has its own keeps them):
+``2 M N`` for an ``(M, N)`` matrix times a vector, ``2 n`` for a dot product of length
+``n``, like PyTorch's ``2 M N K`` for ``mm``.
 
 Convention (the one PyTorch uses for its CUDA kernels): a multiply-add is 2 FLOPs; only
 the two matrix products count, not the softmax, the scale or the mask; a causal mask is
@@ -81,14 +85,31 @@ def _cpu_flash_backward(grad_out, query, key, value, *args, out_shape=None, **kw
     return sdpa_backward_flops(query, key, value)
 
 
+def _mv(matrix, vector, *args, out_shape=None, **kwargs) -> int:
+    return 2 * matrix[0] * matrix[1]
+
+
+def _addmv(bias, matrix, vector, *args, out_shape=None, **kwargs) -> int:
+    return 2 * matrix[0] * matrix[1]  # the add is not counted, as for addmm
+
+
+def _dot(a, b, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a[0]
+
+
 def register_cpu_attention_formulas() -> None:
-    """Teach ``FlopCounterMode`` the CPU fused attention kernels. Idempotent.
+    """Teach ``FlopCounterMode`` the CPU fused attention kernels and the matrix-vector
+    products (see the module doc). Idempotent.
 
     Only counter modes created afterwards see the formulas (each copies the registry).
     """
     pairs = (
         ("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash_forward),
         ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_backward),
+        ("mv", _mv),
+        ("addmv", _addmv),
+        ("dot", _dot),
+        ("vdot", _dot),
     )
     for op_name, formula in pairs:
         op = getattr(_aten, op_name, None)
