@@ -61,6 +61,18 @@ def test_matrix_vector_products_are_counted():
     assert count_flops(torch.addmv, torch.randn(3), torch.randn(3, 5), w)[0] == 2 * 3 * 5
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv_backward_counts_each_gradient_as_one_forward_whatever_the_groups(groups):
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    forward, y = count_flops(conv, x)
+    assert forward == 2 * 2 * 25 * 8 * (8 // groups) * 9
+    backward, _ = count_flops(lambda: y.sum().backward())
+    assert backward == 2 * forward  # input and weight gradients (bias not counted)
+    y = conv(x.detach())  # no input gradient: the weight's alone
+    assert count_flops(lambda: y.sum().backward())[0] == forward
+
+
 def test_additive_flops_by_hand():
     B, C, (H, W) = 2, 8, (2, 3)
     Q, K, h = H, H * W, C  # its example: H decoder steps reading H*W encoder states

@@ -10,6 +10,12 @@ registers formulas for all of them (once; a later PyTorch that has its own keeps
 ``2 M N`` for an ``(M, N)`` matrix times a vector, ``2 n`` for a dot product of length
 ``n``, like PyTorch's ``2 M N K`` for ``mm``.
 
+One formula of PyTorch's is replaced, locally, in :func:`count_flops` (through
+``FlopCounterMode(custom_mapping=...)``, leaving the global registry alone): the
+convolution backward, whose weight gradient ignores ``groups`` and so counts a
+depthwise 3x3 convolution over 128 channels 128 times too high. Here each gradient
+(input, weight) costs what the forward costs, whatever the groups.
+
 Convention (the one PyTorch uses for its CUDA kernels): a multiply-add is 2 FLOPs; only
 the two matrix products count, not the softmax, the scale or the mask; a causal mask is
 not discounted. For ``q (..., Q, d)``, ``k (..., K, d)``, ``v (..., K, dv)``, with ``n``
@@ -121,8 +127,27 @@ def register_cpu_attention_formulas() -> None:
 register_cpu_attention_formulas()
 
 
+def _conv_backward(
+    grad_out, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
+    groups, output_mask, *args, out_shape=None, **kwargs,
+) -> int:
+    """Input and weight gradients each cost the forward's ``2 B prod(w) prod(spatial)``.
+
+    ``weight`` is ``(C_out, C_in / groups, *k)`` (transposed: ``(C_in, C_out / groups,
+    *k)``), so groups are in it already; ``spatial`` is the output's, or the input's for a
+    transposed convolution. The bias gradient is not counted, as in PyTorch.
+    """
+    spatial = x[2:] if transposed else grad_out[2:]
+    forward = 2 * x[0] * math.prod(weight) * math.prod(spatial)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:
-    """Run ``fn(*args, **kwargs)`` under a ``FlopCounterMode``; ``(total FLOPs, result)``."""
-    with FlopCounterMode(display=False) as counter:
+    """Run ``fn(*args, **kwargs)`` under a ``FlopCounterMode``; ``(total FLOPs, result)``.
+
+    With the grouped convolution backward counted right (see the module doc).
+    """
+    mapping = {_aten.convolution_backward: _conv_backward}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         result = fn(*args, **kwargs)
     return counter.get_total_flops(), result
