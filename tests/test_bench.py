@@ -73,6 +73,15 @@ def test_conv_backward_counts_each_gradient_as_one_forward_whatever_the_groups(g
     assert count_flops(lambda: y.sum().backward())[0] == forward
 
 
+@pytest.mark.skipif(not hasattr(torch._C._nn, "thnn_conv2d"), reason="no thnn_conv2d")
+def test_cpu_im2col_convolution_is_counted():
+    x = torch.randn(2, 2, 6, 6, requires_grad=True)
+    w = torch.randn(1, 2, 3, 3, requires_grad=True)
+    forward, y = count_flops(torch._C._nn.thnn_conv2d, x, w, (3, 3), None, (1, 1), (1, 1))
+    assert forward == 2 * 2 * 36 * (1 * 2 * 9)
+    assert count_flops(lambda: y.sum().backward())[0] == 2 * forward
+
+
 def test_additive_flops_by_hand():
     B, C, (H, W) = 2, 8, (2, 3)
     Q, K, h = H, H * W, C  # its example: H decoder steps reading H*W encoder states

@@ -281,6 +281,7 @@ def _measure(
 
     leaves = [p for p in module.parameters() if p.requires_grad]
     leaves += [x for x in inputs if isinstance(x, Tensor) and x.requires_grad]
+    notes: list[str] = []
 
     def forward() -> None:
         with torch.no_grad(), autocast():
@@ -299,11 +300,16 @@ def _measure(
             loss = loss + o.float().sum()
         loss.backward()
 
-    module.eval()
-    result.fwd_gflops = count_flops(forward)[0] / 1e9
-    if backward:
-        module.train()
-        result.fwd_bwd_gflops = count_flops(train_step)[0] / 1e9
+    # A formula that breaks on some op must not cost the timings: note it and go on.
+    try:
+        module.eval()
+        result.fwd_gflops = count_flops(forward)[0] / 1e9
+        if backward:
+            module.train()
+            result.fwd_bwd_gflops = count_flops(train_step)[0] / 1e9
+    except Exception as exc:  # noqa: BLE001
+        result.fwd_gflops = result.fwd_bwd_gflops = math.nan
+        notes.append(f"FLOPs not counted: {_first_line(exc)}")
 
     module.eval()
     result.fwd_ms = _timed_median_ms(forward, repeats, warmup, device)
@@ -323,6 +329,7 @@ def _measure(
         module.eval()
         peak = peak_memory_bytes(forward, device, existing)
     result.peak_mib = peak / _MIB
+    result.error = "; ".join(notes)
 
 
 def _bench_one(

@@ -10,11 +10,15 @@ registers formulas for all of them (once; a later PyTorch that has its own keeps
 ``2 M N`` for an ``(M, N)`` matrix times a vector, ``2 n`` for a dot product of length
 ``n``, like PyTorch's ``2 M N K`` for ``mm``.
 
-One formula of PyTorch's is replaced, locally, in :func:`count_flops` (through
-``FlopCounterMode(custom_mapping=...)``, leaving the global registry alone): the
-convolution backward, whose weight gradient ignores ``groups`` and so counts a
-depthwise 3x3 convolution over 128 channels 128 times too high. Here each gradient
-(input, weight) costs what the forward costs, whatever the groups.
+Some of PyTorch's formulas are replaced or added, locally, in :func:`count_flops`
+(through ``FlopCounterMode(custom_mapping=...)``, leaving the global registry alone):
+
+* the convolution backward, whose weight gradient ignores ``groups`` and so counts a
+  depthwise 3x3 convolution over 128 channels 128 times too high. Here each gradient
+  (input, weight) costs what the forward costs, whatever the groups;
+* the CPU im2col convolution ``aten._slow_conv2d_forward`` (``thnn_conv2d``), whose
+  registered formula fails with a TypeError (it expects a ``transposed`` argument the
+  op does not have), and its backward ``aten._slow_conv2d_backward``, not counted at all.
 
 Convention (the one PyTorch uses for its CUDA kernels): a multiply-add is 2 FLOPs; only
 the two matrix products count, not the softmax, the scale or the mask; a causal mask is
@@ -142,12 +146,31 @@ def _conv_backward(
     return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
+def _slow_conv2d(x, weight, *args, out_shape=None, **kwargs) -> int:
+    return 2 * x[0] * math.prod(weight) * math.prod(out_shape[2:])
+
+
+def _slow_conv2d_backward(
+    grad_out, x, weight, kernel_size, stride, padding, output_mask=(True, True, True), *args,
+    out_shape=None, **kwargs,
+) -> int:
+    forward = 2 * x[0] * math.prod(weight) * math.prod(grad_out[2:])
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+_LOCAL_FORMULAS = {
+    _aten.convolution_backward: _conv_backward,
+    _aten._slow_conv2d_forward: _slow_conv2d,
+    _aten._slow_conv2d_backward: _slow_conv2d_backward,
+}
+
+
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:
     """Run ``fn(*args, **kwargs)`` under a ``FlopCounterMode``; ``(total FLOPs, result)``.
 
-    With the grouped convolution backward counted right (see the module doc).
+    With the convolution formulas of the module doc put right.
     """
-    mapping = {_aten.convolution_backward: _conv_backward}
+    mapping = dict(_LOCAL_FORMULAS)
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         result = fn(*args, **kwargs)
     return counter.get_total_flops(), result
