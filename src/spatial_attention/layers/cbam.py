@@ -1,0 +1,224 @@
+"""CBAM on ``(B, C, H, W)``: a channel gate, then a spatial gate (Woo et al. ECCV 2018).
+
+The channel gate squeezes the map by average *and* max pooling and sends both
+descriptors through one shared MLP; the spatial gate squeezes the channels by max and
+mean and convolves the two maps with a 7x7 kernel. Both are usable alone
+(``channel_gate``, ``spatial_gate``); ``cbam`` runs them in sequence (the paper's best
+arrangement, Table 4) and, on its fast path, as one fused product whose backward walks
+the map three times (:func:`~spatial_attention.functional.gates.cbam_gates`).
+
+Parameter names are ours (snake_case); :func:`convert_official_cbam_keys` maps the
+official release's (``Jongchan/attention-module``, ``MODELS/cbam.py``) onto them, for a
+single module or a whole ResNet-CBAM checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checks import check_positive
+from ..functional.gates import cbam_gates, narrow_conv2d
+from ..registry import register
+from .base import AttentionModule
+
+__all__ = ["CBAM", "ChannelGate", "SpatialGate", "convert_official_cbam_keys"]
+
+
+@register(
+    "channel_gate",
+    family="channel",
+    layout="map",
+    paper="Woo et al., CBAM: Convolutional Block Attention Module (channel attention, Eq. 2)",
+    year=2018,
+    cost="2·B·C·H·W (avg + max pool) + 8·B·C²/r (shared MLP, both descriptors) + B·C·H·W",
+    captures="(B, C, 1, 1) channel weights",
+)
+class ChannelGate(AttentionModule):
+    """CBAM's channel attention (Woo et al. 2018, Sec. 3, Eq. 2).
+
+    ``Mc = sigmoid(MLP(AvgPool(x)) + MLP(MaxPool(x)))``, ``y = Mc * x``, with one MLP
+    ``C -> C/r -> C`` (ReLU between, biased layers, ``r = 16``) shared by both pooled
+    descriptors, as in the official code. The fast path runs the MLP once on the two
+    descriptors stacked, and a fused backward (no full-size intermediates). Deviation: the
+    hidden width is ``max(1, C // r)`` so narrow maps (C < r) work, where the official layer
+    would build a zero-width layer.
+
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Records the ``(B, C, 1, 1)`` channel weights.
+    """
+
+    layout = "map"
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        check_positive("channel_gate", channels=channels, reduction=reduction)
+        self.channels = channels
+        hidden = max(1, channels // reduction)
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels)
+        )
+
+    def logits(self, avg: Tensor, mx: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
+               b2: Tensor) -> Tensor:
+        """``MLP(avg) + MLP(max)`` ``(B, C)``, both descriptors in one batched pass."""
+        z = F.linear(F.relu(F.linear(torch.cat([avg, mx]), w1, b1)), w2, b2)
+        return z[: avg.shape[0]] + z[avg.shape[0]:]
+
+    def gate(self):
+        """``(logits_fn, params)`` for :func:`~spatial_attention.functional.gates.cbam_gates`."""
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        return self.logits, (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x, self.channels)
+        if self.use_fused:
+            return cbam_gates(x, channel=self.gate())
+        avg = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, C)
+        mx = F.adaptive_max_pool2d(x, 1).flatten(1)  # (B, C)
+        weights = torch.sigmoid(self.mlp(avg) + self.mlp(mx))[:, :, None, None]  # (B, C, 1, 1)
+        self.record(weights)
+        return x * weights
+
+
+@register(
+    "spatial_gate",
+    family="spatial",
+    layout="map",
+    paper="Woo et al., CBAM: Convolutional Block Attention Module (spatial attention, Eq. 3)",
+    year=2018,
+    cost="2·B·C·H·W (max + mean over C) + 4·k²·B·H·W (conv) + B·C·H·W (scale)",
+    captures="(B, 1, H, W) spatial map",
+)
+class SpatialGate(AttentionModule):
+    """CBAM's spatial attention (Woo et al. 2018, Sec. 3, Eq. 3).
+
+    ``Ms = sigmoid(BN(conv7x7([MaxPool_c(x); AvgPool_c(x)])))``, ``y = Ms * x``. As in the
+    official code: max first, then mean; the convolution ``2 -> 1`` has no bias and pads
+    ``k // 2``; it is followed by ``BatchNorm2d(1, eps=1e-5, momentum=0.01)`` and no ReLU
+    (the paper's Eq. 3 shows no BatchNorm; the released code and checkpoint have one).
+    ``channels`` only validates inputs: the gate has ``2·k² + 2`` parameters at any width.
+
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Records the ``(B, 1, H, W)`` spatial map.
+    """
+
+    layout = "map"
+
+    def __init__(self, channels: int | None = None, kernel_size: int = 7) -> None:
+        super().__init__()
+        if channels is not None:
+            check_positive("spatial_gate", channels=channels)
+        check_positive("spatial_gate", kernel_size=kernel_size)
+        if kernel_size % 2 == 0:
+            raise ValueError(f"spatial_gate: kernel_size must be odd, got {kernel_size}")
+        self.channels, self.kernel_size = channels, kernel_size
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
+
+    def logits(self, compress: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+               update_stats: bool = True) -> Tensor:
+        """``BN(conv(compress))`` ``(B, 1, H, W)`` from the ``(B, 2, H, W)`` compressed map.
+
+        ``update_stats=True`` is the module's own BatchNorm call (running statistics
+        updated in training); ``False`` recomputes it for a backward pass with the weights
+        given, using the batch (training) or running (eval) statistics without touching them.
+        """
+        pad = self.kernel_size // 2
+        bn = self.bn
+        if update_stats:
+            return bn(F.conv2d(compress, weight, padding=pad))  # bn's own parameters here
+        t = narrow_conv2d(compress, weight, pad)
+        batch_stats = bn.training or bn.running_mean is None
+        return F.batch_norm(
+            t, None if batch_stats else bn.running_mean, None if batch_stats else bn.running_var,
+            bn_weight, bn_bias, batch_stats, 0.0, bn.eps,
+        )
+
+    def gate(self):
+        """``(logits_fn, params)`` for :func:`~spatial_attention.functional.gates.cbam_gates`."""
+        return self.logits, (self.conv.weight, self.bn.weight, self.bn.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x, self.channels)
+        if self.use_fused:
+            return cbam_gates(x, spatial=self.gate())
+        compress = torch.cat([x.max(1, keepdim=True).values, x.mean(1, keepdim=True)], 1)
+        weights = torch.sigmoid(self.bn(self.conv(compress)))  # (B, 2, H, W) -> (B, 1, H, W)
+        self.record(weights)
+        return x * weights
+
+
+@register(
+    "cbam",
+    family="channel_spatial",
+    layout="map",
+    paper="Woo et al., CBAM: Convolutional Block Attention Module (Eq. 1-3)",
+    year=2018,
+    cost="4·B·C·H·W (pools) + 8·B·C²/r (MLP) + 4·k²·B·H·W (conv) + 2·B·C·H·W (scales)",
+    captures="channel_gate: (B, C, 1, 1) channel weights; spatial_gate: (B, 1, H, W) map",
+)
+class CBAM(AttentionModule):
+    """Convolutional Block Attention Module (Woo et al. ECCV 2018, Eq. 1).
+
+    ``x' = Mc(x) * x``, ``y = Ms(x') * x'``: :class:`ChannelGate` then :class:`SpatialGate`
+    (reduction 16, 7x7 kernel). The fast path computes ``x * Mc * Ms`` as one fused product
+    (forward writes only the output; backward reads ``x`` and the gradient three times into
+    one buffer); the explicit path runs the two gates in turn, each recording its weights.
+    Official checkpoints load with :meth:`load_official_state_dict`.
+
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Records nothing itself: ``channel_gate``
+    records ``(B, C, 1, 1)`` channel weights and ``spatial_gate`` the ``(B, 1, H, W)`` map.
+    """
+
+    layout = "map"
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7) -> None:
+        super().__init__()
+        check_positive("cbam", channels=channels, reduction=reduction, kernel_size=kernel_size)
+        self.channels = channels
+        self.channel_gate = ChannelGate(channels, reduction)
+        self.spatial_gate = SpatialGate(channels, kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x, self.channels)
+        cg, sg = self.channel_gate, self.spatial_gate
+        if self.use_fused and cg.use_fused and sg.use_fused:
+            return cbam_gates(x, channel=cg.gate(), spatial=sg.gate())
+        return sg(cg(x))
+
+    def load_official_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True):
+        """Load one official ``CBAM`` module's state dict (``ChannelGate.mlp.1.weight``, ...)."""
+        return self.load_state_dict(convert_official_cbam_keys(state_dict), strict=strict)
+
+
+#: official CBAM key segment -> ours (the official MLP starts with a parameter-free Flatten,
+#: so its Linear layers are ``mlp.1`` and ``mlp.3``; the 7x7 conv sits in a BasicConv)
+_OFFICIAL_KEYS = (
+    ("ChannelGate.mlp.1.", "channel_gate.mlp.0."),
+    ("ChannelGate.mlp.3.", "channel_gate.mlp.2."),
+    ("SpatialGate.spatial.conv.", "spatial_gate.conv."),
+    ("SpatialGate.spatial.bn.", "spatial_gate.bn."),
+)
+
+
+def convert_official_cbam_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename official CBAM keys to ours, wherever they sit in a model's state dict.
+
+    Accepts the official release's checkpoint as saved (``{'state_dict': ...}`` with the
+    ``module.`` prefix of ``DataParallel``) or a plain state dict; keys of other layers
+    pass through unchanged, so ``layer1.0.cbam.ChannelGate.mlp.1.weight`` becomes
+    ``layer1.0.cbam.channel_gate.mlp.0.weight``.
+    """
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
+        state_dict = state_dict["state_dict"]
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        new = key[len("module."):] if key.startswith("module.") else key
+        for old, ours in _OFFICIAL_KEYS:
+            if new.startswith(old) or f".{old}" in new:
+                new = new.replace(old, ours, 1)
+                break
+        out[new] = value
+    return out
