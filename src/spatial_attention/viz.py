@@ -396,11 +396,12 @@ def mechanism_maps(
             maps[rec_name] = normalize_map(np.mean(converted, axis=0))
     if not maps:
         what = f"it records {', '.join(seen)}" if seen else "it recorded nothing"
-        why = " (channel attention weighs channels, not places)"
-        raise UsageError(
-            f"{name} has no spatial map: {what}, not a {h}x{w} map"
-            + (why if entry.family == "channel" else "")
-        )
+        why = {
+            "channel": " (channel attention weighs channels, not places)",
+            "branch": " (branch attention weighs kernels, not places)",
+            "temporal": " (temporal attention weighs frames, not places)",
+        }.get(entry.family, "")
+        raise UsageError(f"{name} has no spatial map: {what}, not a {h}x{w} map{why}")
     return maps
 
 
