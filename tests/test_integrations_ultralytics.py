@@ -19,6 +19,7 @@ from pathlib import Path
 
 import _torchvision_shim  # noqa: F401  (before anything imports torchvision)
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -34,9 +35,14 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# importing Ultralytics changes numpy's and torch's print options and a few environment
-# variables (OMP_NUM_THREADS=1 for later subprocesses) for the whole process: put them back
+# Importing Ultralytics (which pytest does for every test module at collection, before any
+# test runs) changes the whole process: numpy's and torch's print options, a few
+# environment variables (OMP_NUM_THREADS=1 for later subprocesses), and it monkeypatches
+# PIL.Image.open (an unreadable image then triggers a pip install of pi-heif) and
+# torch.save (retries with sleeps). Put all of that back so other tests see plain libraries.
 _ENV = dict(os.environ)
+_PIL_OPEN = PIL.Image.open
+_TORCH_SAVE = torch.save
 _NP_PRINT = np.get_printoptions()
 _TORCH_PRINT = {k: getattr(torch._tensor_str.PRINT_OPTS, k)
                 for k in ("precision", "threshold", "edgeitems", "linewidth", "sci_mode")}
@@ -51,6 +57,8 @@ from ultralytics.utils.nms import TorchNMS  # noqa: E402
 
 np.set_printoptions(**_NP_PRINT)
 torch.set_printoptions(**_TORCH_PRINT)
+PIL.Image.open = _PIL_OPEN
+torch.save = _TORCH_SAVE
 for _key in set(os.environ) - set(_ENV):
     del os.environ[_key]
 os.environ.update(_ENV)
