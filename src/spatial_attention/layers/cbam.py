@@ -4,8 +4,8 @@ The channel gate squeezes the map by average *and* max pooling and sends both
 descriptors through one shared MLP; the spatial gate squeezes the channels by max and
 mean and convolves the two maps with a 7x7 kernel. Both are usable alone
 (``channel_gate``, ``spatial_gate``); ``cbam`` runs them in sequence (the paper's best
-arrangement, Table 4) and, on its fast path, as one fused product whose backward walks
-the map three times (:func:`~spatial_attention.functional.gates.cbam_gates`).
+arrangement, Table 4) and, on its fast path, as one fused product with a custom CPU
+backward (:func:`~spatial_attention.functional.gates.cbam_gates`).
 
 Parameter names are ours (snake_case); :func:`convert_official_cbam_keys` maps the
 official release's (``Jongchan/attention-module``, ``MODELS/cbam.py``) onto them, for a
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_positive
-from ..functional.gates import cbam_gates, narrow_conv2d
+from ..functional.gates import SpatialConvBN, cbam_gates
 from ..registry import register
 from .base import AttentionModule
 
@@ -117,28 +117,25 @@ class SpatialGate(AttentionModule):
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
 
-    def logits(self, compress: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
-               update_stats: bool = True) -> Tensor:
-        """``BN(conv(compress))`` ``(B, 1, H, W)`` from the ``(B, 2, H, W)`` compressed map.
+    def gate(self) -> SpatialConvBN:
+        """This gate's network for :func:`~spatial_attention.functional.gates.cbam_gates`.
 
-        ``update_stats=True`` is the module's own BatchNorm call (running statistics
-        updated in training); ``False`` recomputes it for a backward pass with the weights
-        given, using the batch (training) or running (eval) statistics without touching them.
+        Call once per forward: like ``nn.BatchNorm2d.forward`` it counts the batch and picks
+        the running-statistics update factor.
         """
-        pad = self.kernel_size // 2
         bn = self.bn
-        if update_stats:
-            return bn(F.conv2d(compress, weight, padding=pad))  # bn's own parameters here
-        t = narrow_conv2d(compress, weight, pad)
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
         batch_stats = bn.training or bn.running_mean is None
-        return F.batch_norm(
-            t, None if batch_stats else bn.running_mean, None if batch_stats else bn.running_var,
-            bn_weight, bn_bias, batch_stats, 0.0, bn.eps,
+        tracked = not bn.training or bn.track_running_stats
+        return SpatialConvBN(
+            self.conv.weight, bn.weight, bn.bias,
+            bn.running_mean if tracked else None, bn.running_var if tracked else None,
+            batch_stats, momentum, bn.eps,
         )
-
-    def gate(self):
-        """``(logits_fn, params)`` for :func:`~spatial_attention.functional.gates.cbam_gates`."""
-        return self.logits, (self.conv.weight, self.bn.weight, self.bn.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, self.channels)
@@ -164,8 +161,9 @@ class CBAM(AttentionModule):
 
     ``x' = Mc(x) * x``, ``y = Ms(x') * x'``: :class:`ChannelGate` then :class:`SpatialGate`
     (reduction 16, 7x7 kernel). The fast path computes ``x * Mc * Ms`` as one fused product
-    (forward writes only the output; backward reads ``x`` and the gradient three times into
-    one buffer); the explicit path runs the two gates in turn, each recording its weights.
+    (the forward allocates only the output; on CPU the backward writes the input gradient
+    into one buffer, with 12 full-size reads and writes where autograd needs over 30); the
+    explicit path runs the two gates in turn, each recording its weights.
     Official checkpoints load with :meth:`load_official_state_dict`.
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Records nothing itself: ``channel_gate``
