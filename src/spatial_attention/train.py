@@ -569,8 +569,11 @@ def _plot_curves(rows: list[dict[str, str]], path: Path) -> None:
     ax3.set(xlabel="epoch", ylabel="images/s", title="throughput")
     for ax in (ax1, ax2):
         ax.legend()
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -1273,6 +1276,12 @@ class _Trainer:
                                self.run_dir / "attention", cfg["overlays"], ctx.device)
         if paths:
             self.log(f"attention overlays: {self.run_dir / 'attention'} ({len(paths)} images)")
+        elif cfg["overlays"] > 0 and self.val_ds is not None:
+            from .capture import attention_modules
+
+            if attention_modules(model):
+                self.log("no attention overlays: the model's mechanisms record no spatial map "
+                         "(channel attention)")
 
 
 def run(args: argparse.Namespace) -> int:
