@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-_LAYOUT_AXES = {"map": "(B, C, H, W)", "tokens": "(B, H, W, C)", "sequence": "(B, N, C)"}
+_LAYOUT_AXES = {
+    "map": "(B, C, H, W)",
+    "tokens": "(B, H, W, C)",
+    "sequence": "(B, N, C)",
+    "clip": "(B, T, C, H, W)",
+}
+_RANK = {"map": 4, "tokens": 4, "sequence": 3, "clip": 5}
 
 
 def check_rank(name: str, x: Tensor, rank: int, axes: str) -> None:
@@ -23,12 +29,13 @@ def check_rank(name: str, x: Tensor, rank: int, axes: str) -> None:
 def check_layout(name: str, x: Tensor, layout: str, channels: int | None = None) -> None:
     """Rank and channel count of ``x`` for one of the registry's layouts."""
     axes = _LAYOUT_AXES[layout]
-    rank = 3 if layout == "sequence" else 4
+    rank = _RANK[layout]
     check_rank(name, x, rank, axes)
     if channels is not None:
-        got = x.shape[1] if layout == "map" else x.shape[-1]
+        axis = {"map": 1, "clip": 2}.get(layout, -1)
+        got = x.shape[axis]
         if got != channels:
-            where = "dim 1" if layout == "map" else "the last dim"
+            where = f"dim {axis}" if axis > 0 else "the last dim"
             raise ValueError(
                 f"{name}: expected {channels} channels in {where} of {axes}, got shape "
                 f"{tuple(x.shape)}"

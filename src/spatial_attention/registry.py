@@ -34,6 +34,7 @@ LAYOUTS = {
     "map": "(B, C, H, W)",
     "tokens": "(B, H, W, C)",
     "sequence": "(B, N, C)",
+    "clip": "(B, T, C, H, W)",
 }
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -2,7 +2,7 @@
 
 A mechanism subclasses :class:`AttentionModule` and
 
-* sets ``layout`` (``"map"``, ``"tokens"`` or ``"sequence"``),
+* sets ``layout`` (``"map"``, ``"tokens"``, ``"sequence"`` or ``"clip"``),
 * reads ``self.use_fused`` to choose its fused or explicit path,
 * calls ``self.record(weights)`` with what it attends with (attention matrix, spatial
   map, channel weights, cluster assignment). ``record`` is free when nothing captures,

@@ -1,7 +1,7 @@
 """Temporal attention on clip features ``(B, T, C, H, W)``: over frames, at each position.
 
-Two mechanisms, both registered with layout ``"map"`` and family ``"temporal"`` (the
-registry's map layout, one axis more: a clip is a stack of ``T`` frame maps):
+Two mechanisms, both registered with layout ``"clip"`` and family ``"temporal"`` (a clip
+is a stack of ``T`` frame maps):
 
 * ``temporal``: TimeSformer's *time attention* (Bertasius et al. ICML 2021): every
   position attends, by multi-head scaled dot-product, to the same position in every frame.
@@ -38,7 +38,7 @@ class ClipAttention(AttentionModule):
     1); ``example`` builds a clip of :attr:`example_frames` frames.
     """
 
-    layout = "map"
+    layout = "clip"
     #: clip length of :meth:`example` (the 8-frame clips of TSN/TAM/TimeSformer)
     example_frames: ClassVar[int] = 8
 
@@ -82,7 +82,7 @@ class ClipAttention(AttentionModule):
 @register(
     "temporal",
     family="temporal",
-    layout="map",
+    layout="clip",
     paper="Bertasius et al., Is Space-Time Attention All You Need for Video Understanding? "
     "(TimeSformer, divided space-time attention: time attention, Eq. 8)",
     year=2021,
@@ -166,7 +166,7 @@ class TemporalSelfAttention(ClipAttention):
 @register(
     "temporal_channel",
     family="temporal",
-    layout="map",
+    layout="clip",
     paper="Liu et al., TAM: Temporal Adaptive Module for Video Recognition (local and "
     "global branches)",
     year=2021,
