@@ -384,7 +384,10 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
     elif device.type == "cpu":
-        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        try:  # oneDNN runs bf16 natively (AVX-512 / ARM BF16); else autocast is emulated
+            bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            bf16 = False
     else:
         bf16 = False
     if amp == "bf16":
