@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 
 import spatial_attention as sa
-from spatial_attention import explicit_path
 
 Case = Callable[[], object]
 
@@ -159,33 +158,34 @@ def copy_bandwidth(x: torch.Tensor, repeats: int) -> float:
     return 2 * x.numel() * x.element_size() / min(t)
 
 
-def compute_peak(gam, x: torch.Tensor, repeats: int, dtype: torch.dtype) -> tuple[float, str]:
-    """FLOP/s of the faster of a 2048^3 matmul and GAM's own first 7x7 convolution."""
+def peak_cases(gam, x: torch.Tensor) -> tuple[dict[str, Case], dict[str, float]]:
+    """A 2048^3 matmul and GAM's own first 7x7 convolution, fp32 and bf16, with FLOPs."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     conv = gam.spatial_attention.conv1
     xc = x.detach()
-    auto = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
-
-    def mm():
-        with auto:
-            a @ b
-
-    def cv():
-        with torch.no_grad(), auto:
-            F.conv2d(xc, conv.weight, conv.bias, padding=conv.padding, groups=conv.groups)
-
-    t = interleaved({"mm": mm, "conv": cv}, max(3, repeats // 2))
+    cases, flops = {}, {}
     conv_flops = 2 * x.shape[0] * x.shape[2] * x.shape[3] * conv.weight.numel()
-    rates = {"matmul 2048^3": 2 * 2048**3 / min(t["mm"]), "GAM 7x7 conv": conv_flops / min(t["conv"])}
-    best = max(rates, key=rates.get)
-    return rates[best], ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items())
+    for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        def mm(dtype=dtype):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                a @ b
+
+        def cv(dtype=dtype):
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype,
+                                                 enabled=dtype != torch.float32):
+                F.conv2d(xc, conv.weight, conv.bias, padding=conv.padding, groups=conv.groups)
+
+        cases[f"peak {tag}: matmul 2048^3"], flops[f"peak {tag}: matmul 2048^3"] = mm, 2 * 2048**3
+        cases[f"peak {tag}: GAM 7x7 conv"], flops[f"peak {tag}: GAM 7x7 conv"] = cv, conv_flops
+    return cases, flops
 
 
 def gam_flops(m, x: torch.Tensor) -> float:
     """Forward FLOPs of GAM's MLP and convolutions (multiply-add = 2)."""
     B, C, H, W = x.shape
     sp = m.spatial_attention
-    per_pixel = sum(lin.weight.numel() for lin in (m.channel_attention.mlp[0], m.channel_attention.mlp[2]))
+    mlp = m.channel_attention.mlp
+    per_pixel = mlp[0].weight.numel() + mlp[2].weight.numel()
     per_pixel += sp.conv1.weight.numel() + sp.conv2.weight.numel()
     return 2 * B * H * W * per_pixel
 
@@ -273,8 +273,7 @@ def bench_gam(args, notes: list[str]) -> None:
         if hasattr(m, "fused"):
             m.fused = False
     fl = gam_flops(ours, x)
-    peak32, detail32 = compute_peak(ours, x, args.repeats, torch.float32)
-    peak16, detail16 = compute_peak(ours, x, args.repeats, torch.bfloat16)
+    peaks, peak_flops = peak_cases(ours, x)
 
     def autocast(case: Case) -> Case:
         def run():
@@ -287,7 +286,11 @@ def bench_gam(args, notes: list[str]) -> None:
         m.eval()
     fwd_cases = {n: forward_case(m, x) for n, m in modules.items()}
     fwd_cases["ours gam (fused), bf16 autocast"] = autocast(forward_case(ours, x))
-    fwd = interleaved(fwd_cases, args.gam_repeats)
+    fwd = interleaved({**fwd_cases, **peaks}, args.gam_repeats)
+    rate = {n: peak_flops[n] / min(fwd.pop(n)) for n in peaks}
+    peak32 = max(v for n, v in rate.items() if "fp32" in n)
+    peak16 = max(v for n, v in rate.items() if "bf16" in n)
+    detail = ", ".join(f"{n[5:]} {v / 1e9:.0f}" for n, v in rate.items())
     for m in modules.values():
         m.train()
     train_cases = {n: train_case(m, x, grad) for n, m in modules.items()}
@@ -295,10 +298,11 @@ def bench_gam(args, notes: list[str]) -> None:
     train = interleaved(train_cases, args.gam_repeats)
 
     print(f"\n### GAM on ({B}, {C}, {S}, {S}), {torch.get_num_threads()} threads\n")
-    print(f"FLOPs: forward {fl / 1e9:.1f} G, forward+backward {3 * fl / 1e9:.1f} G. "
-          f"fp32 peak {peak32 / 1e9:.0f} GFLOP/s ({detail32}); bf16 peak {peak16 / 1e9:.0f} "
-          f"GFLOP/s ({detail16})\n")
-    for title, res, mult in (("Forward (eval, no grad)", fwd, 1), ("Forward + backward (train)", train, 3)):
+    print(f"FLOPs: forward {fl / 1e9:.1f} G, forward+backward {3 * fl / 1e9:.1f} G. Peaks "
+          f"(GFLOP/s, measured interleaved with the forward): {detail}; fp32 peak "
+          f"{peak32 / 1e9:.0f}, bf16 peak {peak16 / 1e9:.0f}\n")
+    passes = (("Forward (eval, no grad)", fwd, 1), ("Forward + backward (train)", train, 3))
+    for title, res, mult in passes:
         print(f"{title}:\n")
         print(table(list(res.items()), "ours gam (fused)"))
         lines = []

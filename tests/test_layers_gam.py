@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,3 +190,22 @@ def test_convert_common_keys():
     torch.testing.assert_close(conv2, common["spatial_attention.3.weight"])
     out = convert_common_gam_keys({f"neck.gam.{k}": v for k, v in common.items()})
     assert "neck.gam.spatial_attention.bn2.running_var" in out
+
+
+def test_grouped_variant_compiles_and_exports_to_onnx(tmp_path):
+    m = _randomise(sa.create("gam", 16, groups=2)).eval()
+    x = torch.randn(2, 16, 5, 7)
+    ref = m(x)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), ref, atol=1e-5, rtol=1e-5)
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    path = tmp_path / "gam_grouped.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(m, (x,), str(path), dynamo=False, input_names=["x"],
+                          output_names=["y"])
+    (out,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()}
+    )
+    torch.testing.assert_close(torch.from_numpy(out), ref.detach(), atol=1e-4, rtol=1e-4)

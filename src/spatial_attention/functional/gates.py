@@ -8,13 +8,10 @@ an expand for each mean, a product and a sum for each gate). :func:`cbam_gates` 
 the same function with a custom backward that does so twelve times, into one buffer that
 becomes the input gradient, and a forward that allocates only its output (eight).
 
-The channel gate's network (CBAM's shared MLP) is any function of the two pooled
-descriptors, passed in by the caller; it costs microseconds, and the backward
-differentiates it by recomputing it under autograd. The spatial gate's network is fixed to
-CBAM's (a k x k convolution without bias, then BatchNorm), described by
-:class:`SpatialConvBN`, because its backward is written out: on CPU a 2 -> 1 channel
-convolution's own backward costs several times its forward, two forward convolutions do
-the same job.
+The two small networks that turn descriptors into gate logits, CBAM's shared MLP
+(:class:`ChannelMLP`) and its 7x7 convolution with BatchNorm (:class:`SpatialConvBN`), are
+differentiated by hand too: they cost little, but autograd's bookkeeping around them, and
+oneDNN's backward of a 2 -> 1 channel convolution (~5x its forward), would not.
 
 On GPUs, under ``torch.compile``, ``torch.export``, ONNX tracing, autocast, or when no
 gradient is needed, the same math runs as plain differentiable ops (in place where nothing
@@ -23,7 +20,7 @@ needs the intermediate), which compilers fuse on their own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -31,10 +28,36 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["SpatialConvBN", "cbam_gates", "channel_shuffle", "fused_path_applies"]
+__all__ = ["ChannelMLP", "SpatialConvBN", "cbam_gates", "channel_shuffle", "fused_path_applies"]
 
-#: the channel gate: ``(logits_fn, params)`` with ``logits_fn(avg, max, *params) -> (B, C)``
-ChannelGateFn = tuple[Callable[..., Tensor], Sequence[Tensor]]
+
+class ChannelMLP(NamedTuple):
+    """CBAM's channel gate network: one MLP ``C -> hidden -> C`` shared by both descriptors.
+
+    ``logits(avg, max) = MLP(avg) + MLP(max)`` ``(B, C)`` with
+    ``MLP(d) = W2 relu(W1 d + b1) + b2``; both descriptors go through in one batched pass.
+    """
+
+    w1: Tensor
+    b1: Tensor
+    w2: Tensor
+    b2: Tensor
+
+    def hidden(self, avg: Tensor, mx: Tensor) -> Tensor:
+        """``relu(W1 [avg; max] + b1)`` ``(2B, hidden)``."""
+        return F.relu(F.linear(torch.cat([avg, mx]), self.w1, self.b1))
+
+    def logits(self, avg: Tensor, mx: Tensor) -> Tensor:
+        z = F.linear(self.hidden(avg, mx), self.w2, self.b2)
+        return z[: avg.shape[0]] + z[avg.shape[0]:]
+
+    def backward(self, avg: Tensor, mx: Tensor, h: Tensor, dz: Tensor) -> tuple[Tensor, ...]:
+        """Gradients w.r.t. avg, max, w1, b1, w2, b2 from ``dz = dL/dlogits``; ``h = hidden()``."""
+        B = dz.shape[0]
+        dh = (dz @ self.w2).repeat(2, 1) * (h > 0)  # both halves receive dz
+        dd = dh @ self.w1  # (2B, C)
+        return (dd[:B], dd[B:], dh.T @ torch.cat([avg, mx]), dh.sum(0),
+                dz.T @ (h[:B] + h[B:]), 2 * dz.sum(0))
 
 
 class SpatialConvBN(NamedTuple):
@@ -54,10 +77,39 @@ class SpatialConvBN(NamedTuple):
     momentum: float
     eps: float
 
+    def conv(self, compress: Tensor) -> Tensor:
+        return F.conv2d(compress, self.weight, padding=self.weight.shape[-1] // 2)
+
     def logits(self, compress: Tensor) -> Tensor:
-        t = F.conv2d(compress, self.weight, padding=self.weight.shape[-1] // 2)
-        return F.batch_norm(t, self.running_mean, self.running_var, self.bn_weight,
-                            self.bn_bias, self.batch_stats, self.momentum, self.eps)
+        """``BN(conv(compress))`` ``(B, 1, H, W)``; updates running statistics in training."""
+        return F.batch_norm(self.conv(compress), self.running_mean, self.running_var,
+                            self.bn_weight, self.bn_bias, self.batch_stats, self.momentum,
+                            self.eps)
+
+    def backward(self, compress: Tensor, t: Tensor, dlogits: Tensor) -> tuple[Tensor, ...]:
+        """Gradients w.r.t. compress, conv weight, BN weight and bias; ``t = conv(compress)``.
+
+        Both convolution gradients are forward convolutions: the input's with the flipped
+        kernel, the weight's with the batch as the channel axis.
+        """
+        dims = (0, 2, 3)
+        if self.batch_stats:
+            var, mean = torch.var_mean(t, dims, unbiased=False, keepdim=True)
+        else:
+            mean, var = self.running_mean.view(1, -1, 1, 1), self.running_var.view(1, -1, 1, 1)
+        invstd = (var + self.eps).rsqrt()
+        t_hat = (t - mean) * invstd
+        d_bn_weight, d_bn_bias = (dlogits * t_hat).sum(dims), dlogits.sum(dims)
+        scale = self.bn_weight.view(1, -1, 1, 1) * invstd
+        if self.batch_stats:  # the batch statistics depend on t too
+            m = t.numel() // t.shape[1]
+            dlogits = torch.addcmul(dlogits - (d_bn_bias / m).view(1, -1, 1, 1), t_hat,
+                                    (d_bn_weight / m).view(1, -1, 1, 1), value=-1)
+        dt = dlogits * scale
+        w, p = self.weight, self.weight.shape[-1] // 2
+        d_compress = F.conv2d(dt, w.flip(-1, -2).transpose(0, 1), padding=p)  # (B, 2, H, W)
+        d_weight = F.conv2d(F.pad(compress, (p, p, p, p)).transpose(0, 1), dt.transpose(0, 1))
+        return d_compress, d_weight.transpose(0, 1), d_bn_weight, d_bn_bias
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -74,8 +126,8 @@ def fused_path_applies(x: Tensor, params: Sequence[Tensor]) -> bool:
     """Whether the custom autograd function should run: eager CPU, a gradient to compute.
 
     On a GPU these gates are launch-bound at common sizes (an H100 runs CBAM's plain
-    forward + backward on (8, 256, 56, 56) in ~2.4 ms, the custom one in ~3.6 ms: its
-    recomputation adds launches), so there the plain ops run.
+    forward + backward on (8, 256, 56, 56) in ~2.4 ms, a custom one in ~3.6 ms), so there
+    the plain ops run.
     """
     if x.device.type != "cpu" or not torch.is_grad_enabled():
         return False
@@ -122,42 +174,15 @@ def _first_max(v: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return best.view(B, A), index.view(B, A)
 
 
-def _spatial_backward(net: SpatialConvBN, compress: Tensor, t: Tensor, sg: Tensor,
-                      dsg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of ``sigmoid(BN(conv(compress)))`` w.r.t. compress, conv weight, BN affine.
-
-    ``t`` is the saved convolution output ``(B, 1, H, W)``. Both convolution gradients are
-    forward convolutions: the input's with the flipped kernel, the weight's with the batch
-    as the channel axis (oneDNN's backward of a 2 -> 1 channel 7x7 convolution costs ~5x).
-    """
-    dims = (0, 2, 3)
-    dz = dsg * sg * (1 - sg)
-    if net.batch_stats:
-        mean, var = t.mean(dims, keepdim=True), t.var(dims, unbiased=False, keepdim=True)
-    else:
-        mean, var = net.running_mean.view(1, -1, 1, 1), net.running_var.view(1, -1, 1, 1)
-    invstd = (var + net.eps).rsqrt()
-    t_hat = (t - mean) * invstd
-    d_bn_weight, d_bn_bias = (dz * t_hat).sum(dims), dz.sum(dims)
-    scale = net.bn_weight.view(1, -1, 1, 1) * invstd
-    if net.batch_stats:
-        dt = scale * (dz - dz.mean(dims, keepdim=True)
-                      - t_hat * (dz * t_hat).mean(dims, keepdim=True))
-    else:
-        dt = scale * dz
-    w = net.weight
-    p = w.shape[-1] // 2
-    d_compress = F.conv2d(dt, w.flip(-1, -2).transpose(0, 1), padding=p)  # (B, 2, H, W)
-    d_weight = F.conv2d(F.pad(compress, (p, p, p, p)).transpose(0, 1), dt.transpose(0, 1))
-    return d_compress, d_weight.transpose(0, 1), d_bn_weight, d_bn_bias
-
-
-def _vjp(fn: Callable[..., Tensor], inputs: Sequence[Tensor], grad_out: Tensor) -> list:
-    """Recompute the small network ``fn(*inputs)`` under autograd and pull ``grad_out`` back."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        out = fn(*leaves)
-        return list(torch.autograd.grad(out, leaves, grad_out, allow_unused=True))
+def _flat_index(index: Tensor, dim: int, shape: Sequence[int], layout) -> Tensor:
+    """Memory offsets in a ``(B, C, N)`` tensor of ``layout`` of what ``index`` picks on ``dim``."""
+    B, C, N = shape
+    b = torch.arange(B, device=index.device)[:, None]
+    o = torch.arange(index.shape[1], device=index.device)[None, :]
+    c, n = (index, o) if dim == 1 else (o, index)
+    if layout == torch.channels_last:
+        return ((b * N + n) * C + c).flatten()
+    return ((b * C + c) * N + n).flatten()
 
 
 def _layout(x: Tensor) -> torch.memory_format:
@@ -169,28 +194,30 @@ def _layout(x: Tensor) -> torch.memory_format:
 class _CBAMGates(torch.autograd.Function):
     """``y = x * sigmoid(cz) * sigmoid(sz)`` with a fused backward (see the module doc).
 
-    Channel gate ``cg = sigmoid(cfn(mean_hw x, max_hw x))`` (B, C); spatial gate
+    Channel gate ``cg = sigmoid(MLP(mean_hw x) + MLP(max_hw x))`` (B, C); spatial gate
     ``sg = sigmoid(BN(conv([max_c u, mean_c u])))`` (B, 1, H, W) with ``u = x * cg``. With
     ``g = dL/dy`` the gradient is, per pixel and channel,
     ``du = g*sg + ds_mean/C + [c = argmax_c u] ds_max`` and
     ``dx = cg*du + d_avg/HW + [n = argmax_hw x] d_max``, where ``ds`` pulls ``sum_c g*u``
-    back through the sigmoid, BN and convolution
-    and ``dcg = sum_hw du*x`` flows back through ``cfn``. The max terms touch one element
-    per row, so they are scatter-adds of ``B*C`` and ``B*H*W`` values.
+    back through the sigmoid, BN and convolution, and ``dcg = sum_hw du*x`` back through
+    the MLP. The max terms touch one element per row: index-adds of ``B*H*W`` and ``B*C``
+    values.
     """
 
     @staticmethod
-    def forward(ctx, x, cfn, net, n_channel_params, *params):
+    def forward(ctx, x, mlp, net, *params):
         layout = _layout(x)
         x = x.contiguous(memory_format=layout)
         B, C, H, W = x.shape
         xv = x.flatten(2)  # (B, C, HW): a view for both NCHW and channels_last
-        cp = params[:n_channel_params]
-        y = cg = avg = mx = hw_index = sg = compress = c_index = t = None
-        if cfn is not None:
+        y = cg = avg = mx = h = hw_flat = sg = compress = c_index = t = None
+        if mlp is not None:
             avg = xv.mean(2)
             mx, hw_index = _first_max(xv, 2)
-            cg = torch.sigmoid(cfn(avg, mx, *cp))  # (B, C)
+            hw_flat = _flat_index(hw_index, 2, xv.shape, layout)
+            h = mlp.hidden(avg, mx)  # (2B, hidden)
+            z = F.linear(h, mlp.w2, mlp.b2)
+            cg = torch.sigmoid(z[:B] + z[B:])  # (B, C)
             y = x * cg[:, :, None, None]
         if net is not None:
             uv = (x if y is None else y).flatten(2)
@@ -198,58 +225,64 @@ class _CBAMGates(torch.autograd.Function):
             # mean_c(x * cg) as one matrix product over the input: no pass over y
             s_mean = uv.mean(1) if cg is None else (cg[:, None, :] @ xv).squeeze(1) / C
             compress = torch.stack([s_max, s_mean], 1).view(B, 2, H, W)
-            t = F.conv2d(compress, net.weight, padding=net.weight.shape[-1] // 2)
+            t = net.conv(compress)
             sg = torch.sigmoid(F.batch_norm(  # updates the running statistics in training
                 t, net.running_mean, net.running_var, net.bn_weight, net.bn_bias,
                 net.batch_stats, net.momentum, net.eps,
             ))  # (B, 1, H, W)
             y = x * sg if y is None else y.mul_(sg)  # y is ours: gate it in place
-        ctx.cfn, ctx.net, ctx.nc, ctx.layout = cfn, net, n_channel_params, layout
-        ctx.save_for_backward(x, cg, avg, mx, hw_index, sg, compress, c_index, t, *cp)
+        ctx.mlp, ctx.net, ctx.layout = mlp, net, layout
+        ctx.save_for_backward(x, cg, avg, mx, h, hw_flat, sg, compress, c_index, t)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        x, cg, avg, mx, hw_index, sg, compress, c_index, t, *cp = ctx.saved_tensors
-        cfn, net = ctx.cfn, ctx.net
+        x, cg, avg, mx, h, hw_flat, sg, compress, c_index, t = ctx.saved_tensors
+        mlp, net = ctx.mlp, ctx.net
         B, C, H, W = x.shape
         N = H * W
         need_dx = ctx.needs_input_grad[0]
         g = g.contiguous(memory_format=ctx.layout)
         gv, xv = g.flatten(2), x.flatten(2)
         buf = torch.mul(g, x)  # g*x now, the gradient later: one full-size buffer
-        bv = buf.flatten(2)
-        grads_c: list = [None] * len(cp)
-        grads_s: tuple = (None, None, None) if net is not None else ()
-        dcg = None
+        bv = buf.flatten(2)  # buf has the layout of x; flat is its memory in order
+        flat = (buf if ctx.layout == torch.contiguous_format else buf.permute(0, 2, 3, 1)).view(-1)
+        grads_c: tuple = (None,) * 4 if mlp is not None else ()
+        grads_s: tuple = (None,) * 3 if net is not None else ()
+        du = gv
         if net is not None:
             sgv = sg.view(B, 1, N)
-            if cfn is not None:
-                # sums over one axis of a product, as matrix products with the vector on
-                # the left (a (B, C, N) @ (B, N, 1) product is ~5x slower on CPU)
+            # sums over one axis of a product, as matrix products with the vector on the
+            # left (a (B, C, N) @ (B, N, 1) product is ~5x slower on CPU)
+            if mlp is not None:
                 dsg = cg[:, None, :] @ bv  # (B, 1, N): sum_c g*x*cg
                 dcg = (sgv @ bv.transpose(1, 2)).squeeze(1)  # (B, C): sum_hw g*x*sg
             else:
                 dsg = bv.sum(1, keepdim=True)
-            d_compress, *grads_s = _spatial_backward(net, compress, t, sg, dsg.view(B, 1, H, W))
+            dlogits = torch.ops.aten.sigmoid_backward(dsg.view(B, 1, H, W), sg)
+            d_compress, *grads_s = net.backward(compress, t, dlogits)
             ds_max, ds_mean = d_compress[:, 0].reshape(B, N), d_compress[:, 1].reshape(B, N)
-            if cfn is not None:
-                dcg = dcg + (ds_mean[:, None, :] @ xv.transpose(1, 2)).squeeze(1) / C
-                x_at_max = xv.gather(1, c_index[:, None, :]).squeeze(1)
-                dcg.scatter_add_(1, c_index, ds_max * x_at_max)
+            c_flat = _flat_index(c_index, 1, xv.shape, ctx.layout)
+            if mlp is not None:
+                dcg += (ds_mean[:, None, :] @ xv.transpose(1, 2)).squeeze(1) / C
+                # x at the channel max is s_max / cg there; where cg underflowed to 0 the
+                # sigmoid's derivative (0) discards this term anyway
+                at_max = torch.zeros_like(dcg).view(-1).index_add_(
+                    0, (torch.arange(B, device=x.device)[:, None] * C + c_index).flatten(),
+                    (ds_max * compress[:, 0].reshape(B, N)).flatten(),
+                ).view(B, C)
+                dcg += torch.where(cg > 0, at_max / cg, 0)
             if need_dx:
                 # du = g*sg + ds_mean/C + onehot(argmax_c) ds_max, written over g*x
                 torch.addcmul(ds_mean[:, None, :] / C, gv, sgv, out=bv)
-                bv.scatter_add_(1, c_index[:, None, :], ds_max[:, None, :])
-            du = bv
+                flat.index_add_(0, c_flat, ds_max.flatten())
+                du = bv
         else:
             dcg = bv.sum(2)  # sum_hw g*x
-            du = gv
-        if cfn is not None:
-            d_avg, d_max, *grads_c = _vjp(
-                lambda a, m, *p: torch.sigmoid(cfn(a, m, *p)), (avg, mx, *cp), dcg
-            )
+        if mlp is not None:
+            dz = torch.ops.aten.sigmoid_backward(dcg, cg)
+            d_avg, d_max, *grads_c = mlp.backward(avg, mx, h, dz)
             if need_dx:
                 # dx = cg*du + d_avg/HW (+ d_max at each max); two in-place passes beat one
                 # addcmul with two broadcast operands, which CPU kernels do not vectorise
@@ -258,17 +291,16 @@ class _CBAMGates(torch.autograd.Function):
                 else:
                     torch.mul(du, cg[:, :, None], out=bv)
                 bv.add_(d_avg[:, :, None] / N)
-                bv.scatter_add_(2, hw_index[:, :, None], d_max[:, :, None])
+                flat.index_add_(0, hw_flat, d_max.flatten())
         dx = buf if need_dx else None
-        return (dx, None, None, None, *grads_c, *grads_s)
+        return (dx, None, None, *grads_c, *grads_s)
 
 
-def _cbam_gates_plain(x: Tensor, channel: ChannelGateFn | None, net: SpatialConvBN | None,
+def _cbam_gates_plain(x: Tensor, mlp: ChannelMLP | None, net: SpatialConvBN | None,
                       inplace: bool) -> Tensor:
     y = x
-    if channel is not None:
-        cfn, cp = channel
-        cg = torch.sigmoid(cfn(x.mean((2, 3)), x.amax((2, 3)), *cp))  # (B, C)
+    if mlp is not None:
+        cg = torch.sigmoid(mlp.logits(x.mean((2, 3)), x.amax((2, 3))))  # (B, C)
         y = x * cg[:, :, None, None]
     if net is not None:
         compress = torch.cat([y.amax(1, keepdim=True), y.mean(1, keepdim=True)], 1)
@@ -277,25 +309,21 @@ def _cbam_gates_plain(x: Tensor, channel: ChannelGateFn | None, net: SpatialConv
     return y
 
 
-def cbam_gates(x: Tensor, channel: ChannelGateFn | None = None,
+def cbam_gates(x: Tensor, channel: ChannelMLP | None = None,
                spatial: SpatialConvBN | None = None) -> Tensor:
     """CBAM's gates on ``x`` ``(B, C, H, W)``: channel first, then spatial; either may be None.
 
-    ``channel = (fn, params)`` with ``fn(avg, max, *params) -> (B, C)`` logits from the
-    ``(B, C)`` average- and max-pooled descriptors (``params``: the tensors whose gradients
-    the caller wants); ``spatial`` the :class:`SpatialConvBN` that turns the
-    ``(B, 2, H, W)`` ``[max, mean]`` over channels into ``(B, 1, H, W)`` logits. The gates
-    are the sigmoids of the logits. Returns ``x * cg * sg`` in the memory format of ``x``.
+    ``channel`` turns the ``(B, C)`` average- and max-pooled descriptors into ``(B, C)``
+    logits, ``spatial`` the ``(B, 2, H, W)`` ``[max, mean]`` over channels into
+    ``(B, 1, H, W)`` logits; the gates are their sigmoids. Returns ``x * cg * sg`` in the
+    memory format of ``x``.
 
     Max-pool ties send the gradient to the first maximum (as ``max_pool2d`` does) on the
     custom path; the plain path (GPU, compile, export) uses ``amax``, which splits it.
     """
-    cp = tuple(channel[1]) if channel else ()
-    sp = (spatial.weight, spatial.bn_weight, spatial.bn_bias) if spatial is not None else ()
-    params = (*cp, *sp)
+    params = (*(channel or ()), *(spatial[:3] if spatial is not None else ()))
     if fused_path_applies(x, params):
-        cfn = channel[0] if channel else None
-        return _CBAMGates.apply(x, cfn, spatial, len(cp), *params)
+        return _CBAMGates.apply(x, channel, spatial, *params)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in params)
     )

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_positive
-from ..functional.gates import SpatialConvBN, cbam_gates
+from ..functional.gates import ChannelMLP, SpatialConvBN, cbam_gates
 from ..registry import register
 from .base import AttentionModule
 
@@ -61,16 +61,10 @@ class ChannelGate(AttentionModule):
             nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels)
         )
 
-    def logits(self, avg: Tensor, mx: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
-               b2: Tensor) -> Tensor:
-        """``MLP(avg) + MLP(max)`` ``(B, C)``, both descriptors in one batched pass."""
-        z = F.linear(F.relu(F.linear(torch.cat([avg, mx]), w1, b1)), w2, b2)
-        return z[: avg.shape[0]] + z[avg.shape[0]:]
-
-    def gate(self):
-        """``(logits_fn, params)`` for :func:`~spatial_attention.functional.gates.cbam_gates`."""
+    def gate(self) -> ChannelMLP:
+        """This gate's network for :func:`~spatial_attention.functional.gates.cbam_gates`."""
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        return self.logits, (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        return ChannelMLP(fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, self.channels)
