@@ -91,9 +91,12 @@ def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
     names = [f"in{i}" for i in range(len(inputs))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, inputs, str(path), dynamo=False, input_names=names,
-                          output_names=["out"])
+        torch.onnx.export(
+            module, inputs, str(path), dynamo=False, input_names=names, output_names=["out"]
+        )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: inputs[names.index(i.name)].numpy() for i in session.get_inputs()}
     (out,) = session.run(None, feeds)
-    torch.testing.assert_close(torch.from_numpy(out), module(*inputs).detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.from_numpy(out), module(*inputs).detach(), atol=1e-4, rtol=1e-4
+    )

@@ -7,12 +7,12 @@ import spatial_attention as sa
 from spatial_attention import explicit_path
 from spatial_attention.functional import attention, window_attention_mask
 
-
-
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)]
+)
 @pytest.mark.parametrize("kind", ["none", "bool", "float"])
 def test_attention_fused_equals_explicit_cuda(dtype, tol, kind):
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -23,8 +23,13 @@ def test_attention_fused_equals_explicit_cuda(dtype, tol, kind):
     elif kind == "float":
         mask = torch.randn(4, 49, 49, device="cuda", dtype=dtype, generator=g)
     fused = attention(q, k, v, mask)
-    ref = attention(q.double(), k.double(), v.double(), mask if mask is None or mask.dtype == torch.bool
-                    else mask.double(), fused=False)
+    ref = attention(
+        q.double(),
+        k.double(),
+        v.double(),
+        mask if mask is None or mask.dtype == torch.bool else mask.double(),
+        fused=False,
+    )
     torch.testing.assert_close(fused.double(), ref, atol=tol, rtol=tol)
 
 
@@ -48,7 +53,9 @@ def test_cuda_matches_cpu(name):
     out = gpu(*(t.cuda() for t in inputs))
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
     with explicit_path(gpu):
-        torch.testing.assert_close(gpu(*(t.cuda() for t in inputs)).cpu(), ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            gpu(*(t.cuda() for t in inputs)).cpu(), ref, atol=1e-4, rtol=1e-4
+        )
 
 
 def test_multi_head_backward_cuda_bf16_autocast():

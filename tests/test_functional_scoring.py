@@ -41,7 +41,9 @@ def test_masked_softmax_length_zero_gives_zeros_not_nan():
 
 def test_masked_softmax_full_length_equals_softmax():
     scores = torch.randn(3, 4, 5)
-    torch.testing.assert_close(masked_softmax(scores, torch.tensor([5, 5, 5])), F.softmax(scores, -1))
+    torch.testing.assert_close(
+        masked_softmax(scores, torch.tensor([5, 5, 5])), F.softmax(scores, -1)
+    )
     torch.testing.assert_close(masked_softmax(scores), F.softmax(scores, -1))
 
 
@@ -64,7 +66,9 @@ def test_masked_softmax_bad_valid_lens():
 def test_masked_softmax_gradcheck_float64():
     scores = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lambda s: masked_softmax(s, torch.tensor([2, 0])), (scores,))
-    torch.autograd.gradcheck(lambda s: masked_softmax(s, torch.tensor([[1, 2, 4], [3, 3, 3]])), (scores,))
+    torch.autograd.gradcheck(
+        lambda s: masked_softmax(s, torch.tensor([[1, 2, 4], [3, 3, 3]])), (scores,)
+    )
 
 
 def test_sequence_mask():
@@ -75,7 +79,9 @@ def test_sequence_mask():
 def test_scores_match_definitions():
     q, k = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
     torch.testing.assert_close(dot_product_scores(q, k), torch.einsum("bqd,bkd->bqk", q, k))
-    torch.testing.assert_close(scaled_dot_product_scores(q, k), dot_product_scores(q, k) / math.sqrt(8))
+    torch.testing.assert_close(
+        scaled_dot_product_scores(q, k), dot_product_scores(q, k) / math.sqrt(8)
+    )
     wq, wk, wv = torch.randn(6, 8), torch.randn(6, 8), torch.randn(6)
     ref = torch.empty(2, 3, 5)
     for b in range(2):
@@ -128,7 +134,9 @@ def test_attention_gradcheck_float64(fused, kind):
     mask = _masks(1, 2, 3, 5)[kind]
     if kind == "float":
         mask = mask.double().requires_grad_()
-        torch.autograd.gradcheck(lambda a, b, c, m: attention(a, b, c, m, fused=fused), (q, k, v, mask))
+        torch.autograd.gradcheck(
+            lambda a, b, c, m: attention(a, b, c, m, fused=fused), (q, k, v, mask)
+        )
     else:
         torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, mask, fused=fused), (q, k, v))
 

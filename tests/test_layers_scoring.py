@@ -15,7 +15,9 @@ def _qkv(B=2, Q=4, K=6, d=8, dv=5, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("name", ["dot_product", "scaled_dot_product"])
-@pytest.mark.parametrize("lens", [None, torch.tensor([3, 6]), torch.tensor([[1, 2, 3, 6], [6, 5, 4, 0]])])
+@pytest.mark.parametrize(
+    "lens", [None, torch.tensor([3, 6]), torch.tensor([[1, 2, 3, 6], [6, 5, 4, 0]])]
+)
 def test_dot_product_fused_equals_explicit(name, lens):
     m = sa.create(name)
     q, k, v = _qkv()
@@ -41,7 +43,9 @@ def test_additive_matches_bahdanau_by_hand():
     Wq, Wk, wv = m.W_q.weight, m.W_k.weight, m.w_v.weight[0]
     for b in range(2):
         for i in range(4):
-            e = torch.stack([wv @ torch.tanh(Wq @ q[b, i] + Wk @ k[b, j]) for j in range(int(lens[b]))])
+            e = torch.stack(
+                [wv @ torch.tanh(Wq @ q[b, i] + Wk @ k[b, j]) for j in range(int(lens[b]))]
+            )
             torch.testing.assert_close(out[b, i], torch.softmax(e, 0) @ v[b, : int(lens[b])])
 
 
@@ -170,7 +174,9 @@ def test_multi_head_compiles_fullgraph():
     m = sa.create("multi_head", 16, 2).eval()
     x = torch.randn(2, 9, 16)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, valid_lens=torch.tensor([9, 4])), m(x, valid_lens=torch.tensor([9, 4])))
+    torch.testing.assert_close(
+        compiled(x, valid_lens=torch.tensor([9, 4])), m(x, valid_lens=torch.tensor([9, 4]))
+    )
 
 
 def test_multi_head_torch_export():

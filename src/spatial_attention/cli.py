@@ -47,7 +47,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
             print(f"{'model':<{w}}  {'family':<19} paper")
             for m in models:
                 mi = model_info(m)
-                print(f"{m:<{w}}  {mi.family:<19} {mi.paper}" + (f" ({mi.year})" if mi.year else ""))
+                print(
+                    f"{m:<{w}}  {mi.family:<19} {mi.paper}" + (f" ({mi.year})" if mi.year else "")
+                )
     return 0
 
 

@@ -117,7 +117,9 @@ def register(
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r} for {name!r}; expected one of {FAMILIES}")
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r} for {name!r}; expected one of {tuple(LAYOUTS)}")
+        raise ValueError(
+            f"unknown layout {layout!r} for {name!r}; expected one of {tuple(LAYOUTS)}"
+        )
 
     def deco(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:

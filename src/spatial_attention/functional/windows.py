@@ -75,7 +75,9 @@ def window_partition(x: Tensor, window_size: int | tuple[int, int]) -> Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, mh * mw, C)
 
 
-def window_reverse(windows: Tensor, window_size: int | tuple[int, int], height: int, width: int) -> Tensor:
+def window_reverse(
+    windows: Tensor, window_size: int | tuple[int, int], height: int, width: int
+) -> Tensor:
     """Inverse of :func:`window_partition`: ``(B * nW, Mh * Mw, C) -> (B, H, W, C)``."""
     mh, mw = to_2tuple(window_size)
     nh, nw = height // mh, width // mw
@@ -96,7 +98,10 @@ def cyclic_shift(x: Tensor, shift: int | tuple[int, int]) -> Tensor:
 
 
 def region_labels(
-    height: int, width: int, window_size: int | tuple[int, int], shift: int | tuple[int, int],
+    height: int,
+    width: int,
+    window_size: int | tuple[int, int],
+    shift: int | tuple[int, int],
     device: torch.device | None = None,
 ) -> Tensor:
     """``(H, W)`` integer labels of the regions Swin's shifted partition mixes.
@@ -120,7 +125,10 @@ def region_labels(
 
 
 def shifted_window_mask(
-    height: int, width: int, window_size: int | tuple[int, int], shift: int | tuple[int, int],
+    height: int,
+    width: int,
+    window_size: int | tuple[int, int],
+    shift: int | tuple[int, int],
     device: torch.device | None = None,
 ) -> Tensor:
     """Swin's SW-MSA mask: ``(nW, N, N)`` boolean keep mask for a shifted ``H x W`` map.

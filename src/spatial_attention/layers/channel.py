@@ -36,8 +36,8 @@ class SqueezeExcite(AttentionModule):
     ``W2: C/r -> C``; reduction ``r = 16`` and biased fully-connected layers as in the
     official (Caffe) release; parameter names ``fc.0`` / ``fc.2`` follow the common
     PyTorch port. SE has a single path: it builds no attention matrix and nothing to
-    fuse beyond the pooled descriptor (``mean`` over H, W, channels_last friendly). Deviation: the hidden
-    width is ``max(1, C // r)`` so that narrow maps (C < r) still work, where the official
+    fuse beyond the pooled descriptor (``mean`` over H, W, channels_last friendly).
+    Deviation: the hidden width is ``max(1, C // r)`` so that narrow maps (C < r) still work, where the official
     layer would build a zero-width layer.
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Records the ``(B, C, 1, 1)`` channel weights.

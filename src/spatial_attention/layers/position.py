@@ -33,4 +33,6 @@ class RelativePositionBias(nn.Module):
         )
 
     def forward(self) -> Tensor:
-        return relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
+        return relative_position_bias(
+            self.relative_position_bias_table, self.relative_position_index
+        )

@@ -35,8 +35,10 @@ def _check_qkv(name: str, queries: Tensor, keys: Tensor, values: Tensor) -> None
 def _check_valid_lens(name: str, valid_lens: Tensor | None, batch: int, queries: int) -> None:
     if valid_lens is None:
         return
-    if valid_lens.dim() not in (1, 2) or valid_lens.shape[0] != batch or (
-        valid_lens.dim() == 2 and valid_lens.shape[1] != queries
+    if (
+        valid_lens.dim() not in (1, 2)
+        or valid_lens.shape[0] != batch
+        or (valid_lens.dim() == 2 and valid_lens.shape[1] != queries)
     ):
         raise ValueError(
             f"{name}: valid_lens must have shape ({batch},) or ({batch}, {queries}), got "
@@ -87,8 +89,7 @@ class DotProductAttention(AttentionModule):
         _check_qkv(self.mechanism_name, queries, keys, values)
         if queries.shape[-1] != keys.shape[-1]:
             raise ValueError(
-                f"{self.mechanism_name}: query dim {queries.shape[-1]} != key dim "
-                f"{keys.shape[-1]}"
+                f"{self.mechanism_name}: query dim {queries.shape[-1]} != key dim {keys.shape[-1]}"
             )
         _check_valid_lens(self.mechanism_name, valid_lens, queries.shape[0], queries.shape[1])
         mask = None
@@ -99,7 +100,13 @@ class DotProductAttention(AttentionModule):
         if self.use_fused:
             return attention(queries, keys, values, mask, scale=scale, dropout_p=p)
         out, weights = attention(
-            queries, keys, values, mask, scale=scale, dropout_p=p, fused=False,
+            queries,
+            keys,
+            values,
+            mask,
+            scale=scale,
+            dropout_p=p,
+            fused=False,
             return_weights=True,
         )
         self.record(weights)
@@ -239,13 +246,20 @@ class MultiHeadAttention(AttentionModule):
         key = query if key is None else key
         value = key if value is None else value
         _check_qkv(name, query, key, value)
-        for label, t, c in (("query", query, self.dim), ("key", key, self.kdim),
-                            ("value", value, self.vdim)):
+        for label, t, c in (
+            ("query", query, self.dim),
+            ("key", key, self.kdim),
+            ("value", value, self.vdim),
+        ):
             if t.shape[-1] != c:
-                raise ValueError(f"{name}: expected {label} with {c} channels, got {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name}: expected {label} with {c} channels, got {tuple(t.shape)}"
+                )
         _check_valid_lens(name, valid_lens, query.shape[0], query.shape[1])
-        q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(
-            self.v_proj(value)
+        q, k, v = (
+            self._heads(self.q_proj(query)),
+            self._heads(self.k_proj(key)),
+            self._heads(self.v_proj(value)),
         )
         mask = None
         if valid_lens is not None:
@@ -265,4 +279,3 @@ class MultiHeadAttention(AttentionModule):
         kwargs.setdefault("num_heads", max(1, channels // 32))
         module = create(name, channels, **kwargs)
         return module, (torch.randn(batch, size[0] * size[1], channels),)
-
