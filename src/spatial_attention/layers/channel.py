@@ -37,8 +37,8 @@ class SqueezeExcite(AttentionModule):
     official (Caffe) release; parameter names ``fc.0`` / ``fc.2`` follow the common
     PyTorch port. SE has a single path: it builds no attention matrix and nothing to
     fuse beyond the pooled descriptor (``mean`` over H, W, channels_last friendly).
-    Deviation: the hidden width is ``max(1, C // r)`` so that narrow maps (C < r) still work, where the official
-    layer would build a zero-width layer.
+    Deviation: the hidden width is ``max(1, C // r)`` so that narrow maps (C < r) still
+    work, where the official layer would build a zero-width layer.
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Records the ``(B, C, 1, 1)`` channel weights.
     """
