@@ -316,6 +316,28 @@ def bench_gam(args, notes: list[str]) -> None:
         print("\n" + "\n".join(f"- {line}" for line in lines) + "\n")
 
 
+def keep_freed_memory() -> str:
+    """Ask glibc to serve large blocks from the heap and never return freed memory.
+
+    By default glibc maps every block above a (dynamic) threshold fresh from the kernel
+    and unmaps it on free, so each new 25 MB tensor costs ~6,000 page faults (~4 ms on
+    2 threads here), an allocator artefact that hits implementations by how many
+    full-size tensors they allocate, and varies with the heap's history. jemalloc or
+    tcmalloc (PyTorch's advice for CPU) behave like this setting.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return "libc not found: allocator left as is"
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = (libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest allowed value
+          and libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_top_pad, 256 * 2**20))
+    return "glibc keeps freed memory (mallopt)" if ok else "mallopt refused: allocator as is"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--official", help="checkout of Jongchan/attention-module")
@@ -327,10 +349,13 @@ def main() -> None:
     p.add_argument("--gam-repeats", type=int, default=5)
     p.add_argument("--only", choices=["cbam", "gam"])
     p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc: no page faults on reallocation (see keep_freed_memory)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    allocator = keep_freed_memory() if args.keep_freed_memory else "default allocator"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{torch.backends.cpu.get_cpu_capability()}")
+          f"{torch.backends.cpu.get_cpu_capability()}, {allocator}")
     notes: list[str] = []
     if args.only in (None, "cbam"):
         bench_cbam(args, notes)

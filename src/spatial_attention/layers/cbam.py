@@ -94,6 +94,8 @@ class SpatialGate(AttentionModule):
     ``k // 2``; it is followed by ``BatchNorm2d(1, eps=1e-5, momentum=0.01)`` and no ReLU
     (the paper's Eq. 3 shows no BatchNorm; the released code and checkpoint have one).
     ``channels`` only validates inputs: the gate has ``2·k² + 2`` parameters at any width.
+    The fast path takes the channel max with its index in one vectorised pass and, on CPU,
+    a hand-written backward (:func:`~spatial_attention.functional.gates.cbam_gates`).
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Records the ``(B, 1, H, W)`` spatial map.
     """
