@@ -8,31 +8,18 @@
 
 from . import functional
 from .capture import AttentionMaps, capture_attention, explicit_path
-from .layers import (
-    AdditiveAttention,
-    AttentionModule,
-    DotProductAttention,
-    EfficientChannelAttention,
-    MultiHeadAttention,
-    RelativePositionBias,
-    SqueezeExcite,
-)
+from .layers import *  # noqa: F403  (the mechanism classes, see layers.__all__)
+from .layers import __all__ as _layer_names
 from .models import create_model, list_models
 from .registry import FAMILIES, LAYOUTS, create, info, list_mechanisms
 
 __version__ = "0.1.0"
 
 __all__ = [
+    *_layer_names,
     "FAMILIES",
     "LAYOUTS",
-    "AdditiveAttention",
     "AttentionMaps",
-    "AttentionModule",
-    "DotProductAttention",
-    "EfficientChannelAttention",
-    "MultiHeadAttention",
-    "RelativePositionBias",
-    "SqueezeExcite",
     "capture_attention",
     "create",
     "create_model",

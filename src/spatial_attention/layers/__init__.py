@@ -8,20 +8,35 @@ import importlib as _importlib
 import pkgutil as _pkgutil
 
 from .base import AttentionModule
+from .branch import SelectiveKernel
+from .cbam import CBAM, ChannelGate, SpatialGate
 from .channel import EfficientChannelAttention, SqueezeExcite
+from .cpca import ChannelPriorConvAttention
+from .cpms import ChannelPriorMultiScaleAttention
+from .gam import GAM
 from .position import RelativePositionBias
 from .scoring import AdditiveAttention, DotProductAttention, MultiHeadAttention
+from .temporal import TemporalAdaptiveModule, TemporalSelfAttention
 
 for _mod in _pkgutil.iter_modules(__path__):
     if not _mod.name.startswith("_"):
         _importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = [
-    "AttentionModule",
+    "CBAM",
+    "GAM",
     "AdditiveAttention",
+    "AttentionModule",
+    "ChannelGate",
+    "ChannelPriorConvAttention",
+    "ChannelPriorMultiScaleAttention",
     "DotProductAttention",
     "EfficientChannelAttention",
     "MultiHeadAttention",
     "RelativePositionBias",
+    "SelectiveKernel",
+    "SpatialGate",
     "SqueezeExcite",
+    "TemporalAdaptiveModule",
+    "TemporalSelfAttention",
 ]
