@@ -41,6 +41,23 @@ def test_fused_equals_explicit(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_fused_equals_explicit_gradients_float64(name):
+    module, inputs = _example(name, channels=8, size=(5, 3), dtype=torch.float64)
+    grads = []
+    for fused in (True, False):
+        module.zero_grad(set_to_none=True)
+        xs = tuple(t.clone().requires_grad_() for t in inputs)
+        with explicit_path(module, explicit=not fused):
+            out = module(*xs)
+        out.backward(torch.ones_like(out).mul_(torch.linspace(-1, 1, out.numel()).view_as(out)))
+        params = [p.grad for p in module.parameters() if p.grad is not None]
+        grads.append([x.grad for x in xs] + params)
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_gradcheck_float64(name):
     module, inputs = _example(name, batch=1, channels=8, size=(3, 2), dtype=torch.float64)
     inputs = tuple(t.requires_grad_() for t in inputs)
