@@ -151,3 +151,14 @@ def test_attn_layer_pickles_and_reads_well():
 
     assert get_attn(layer) is layer
     assert create_attn(layer, 48).channels == 48
+
+
+def test_train_builds_timm_resnet_with_attn():
+    from spatial_attention.errors import UsageError
+    from spatial_attention.train import build_model
+
+    model = build_model("timm:resnet18", 10, attn="se")
+    assert len(_attn_modules(model, "se")) == 8  # one per BasicBlock, as timm places it
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(UsageError, match="ResNet family"):
+        build_model("timm:vit_tiny_patch16_224", 10, attn="se")

@@ -325,12 +325,23 @@ def build_model(
                 "reinstall it with pip install spatial-attention[timm]"
             ) from None
         if attn is not None:
-            raise UsageError(
-                "--attn with timm models: put mechanisms into a timm model with "
-                "spatial_attention.integrations.timm and pass the model object instead"
+            # timm's ResNet family takes attn_layer through block_args (see
+            # integrations/timm.py); other timm models refuse it with a TypeError.
+            from .integrations.timm import attn_layer
+
+            block_args = dict(kwargs.pop("block_args", {}) or {})
+            block_args["attn_layer"] = attn_layer(attn)
+            kwargs["block_args"] = block_args
+        try:
+            # pretrained=False: nothing is downloaded
+            return timm.create_model(
+                name[5:], pretrained=False, num_classes=num_classes, **kwargs
             )
-        # pretrained=False: nothing is downloaded
-        return timm.create_model(name[5:], pretrained=False, num_classes=num_classes, **kwargs)
+        except TypeError as exc:
+            raise UsageError(
+                f"--model {name}: timm could not build it with {sorted(kwargs)} ({exc}); "
+                "--attn works with timm's ResNet family (block_args=dict(attn_layer=...))"
+            ) from None
     from .models import model_info
 
     try:
