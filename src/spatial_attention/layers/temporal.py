@@ -84,7 +84,7 @@ class ClipAttention(AttentionModule):
     family="temporal",
     layout="clip",
     paper="Bertasius et al., Is Space-Time Attention All You Need for Video Understanding? "
-    "(TimeSformer, divided space-time attention: time attention, Eq. 8)",
+    "(TimeSformer, Sec. 3, divided space-time attention: the time attention)",
     year=2021,
     cost="8·B·T·H·W·C² (qkv, proj) + 4·B·H·W·T²·C (scores, weighting)",
     captures="(B, heads, H, W, T, T) attention over frames at each position",
@@ -100,7 +100,7 @@ class TemporalSelfAttention(ClipAttention):
     TimeSformer blocks (``blocks.{i}.temporal_attn.qkv/proj``), so those weights load
     after stripping that prefix. ``qkv_bias=True`` as in the released models.
 
-    As in the official code (and unlike the paper's Eq. 8), no class token takes part in
+    As in the official code (and unlike the paper's time-attention equation in Sec. 3), no class token takes part in
     the time attention; the block around it (``temporal_norm1``, ``temporal_fc``, the
     residual) is the caller's. Fast path: ``F.scaled_dot_product_attention`` over the
     ``B*H*W`` sequences of length ``T`` (through ``functional.scoring.attention``);
