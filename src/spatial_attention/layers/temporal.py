@@ -100,7 +100,8 @@ class TemporalSelfAttention(ClipAttention):
     TimeSformer blocks (``blocks.{i}.temporal_attn.qkv/proj``), so those weights load
     after stripping that prefix. ``qkv_bias=True`` as in the released models.
 
-    As in the official code (and unlike the paper's time-attention equation in Sec. 3), no class token takes part in
+    As in the official code (and unlike the paper's time-attention equation in Sec. 3),
+    no class token takes part in
     the time attention; the block around it (``temporal_norm1``, ``temporal_fc``, the
     residual) is the caller's. Fast path: ``F.scaled_dot_product_attention`` over the
     ``B*H*W`` sequences of length ``T`` (through ``functional.scoring.attention``);
