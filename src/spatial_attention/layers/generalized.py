@@ -1,0 +1,403 @@
+"""Generalized spatial attention (Zhu et al., ICCV 2019) on maps ``(B, C, H, W)``.
+
+*An Empirical Study of Spatial Attention Mechanisms in Deep Networks* (Zhu, Cheng, Zhang,
+Lin, Dai) writes Transformer attention, deformable and dynamic convolution as one
+formula (Eq. 1 and 2 of the paper): the output at query ``q`` is
+``sum_m W_m sum_k A_m(q, k, z_q, x_k) W'_m x_k``, and the attention weight is the
+softmax over keys of a sum of four terms (Eq. 3-6):
+
+* E1 ``z_q^T U_m^T V_m^C x_k``: query content and key content,
+* E2 ``z_q^T U_m^T V_m^R R_(k-q)``: query content and relative position,
+* E3 ``u_m^T V_m^C x_k``: key content only (a learned vector ``u_m``),
+* E4 ``v_m^T V_m^R R_(k-q)``: relative position only (a learned vector ``v_m``).
+
+The reference implementation is mmcv's ``GeneralizedAttention``; this module keeps its
+constructor arguments, parameter names, initialisation and numerics, so an mmcv state
+dict loads unchanged (see :class:`GeneralizedAttention`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checks import check_positive
+from ..functional.scoring import masked_softmax
+from ..registry import register
+from .base import AttentionModule
+
+__all__ = [
+    "GeneralizedAttention",
+    "parse_attention_type",
+    "relative_sinusoid",
+    "local_keep_mask",
+]
+
+_NAME = "generalized_attention"
+#: the paper's names of the four terms, in the order of ``attention_type``'s bits
+TERMS = ("E1 query-key content", "E2 query content-relative position",
+         "E3 key content", "E4 relative position")
+
+
+def parse_attention_type(attention_type: str, name: str = _NAME) -> tuple[bool, bool, bool, bool]:
+    """``'1011'`` -> ``(True, False, True, True)``; a ValueError for anything else."""
+    if (
+        not isinstance(attention_type, str)
+        or len(attention_type) != 4
+        or set(attention_type) - {"0", "1"}
+        or "1" not in attention_type
+    ):
+        raise ValueError(
+            f"{name}: attention_type must be four characters of '0'/'1' with at least one "
+            f"'1' (E1 E2 E3 E4, e.g. '1111', '1000', '0100'), got {attention_type!r}"
+        )
+    e1, e2, e3, e4 = (c == "1" for c in attention_type)
+    return e1, e2, e3, e4
+
+
+def relative_sinusoid(
+    q_len: int,
+    k_len: int,
+    q_stride: int,
+    k_stride: int,
+    feat_dim: int,
+    magnitude: float = 1.0,
+    wave_length: float = 1000.0,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Sinusoidal embedding of 1-D offsets between query and key positions.
+
+    Query ``i`` sits at ``i * q_stride``, key ``j`` at ``j * k_stride`` (input pixels);
+    the offset ``delta = (i q_stride - j k_stride) * magnitude`` is embedded as
+    ``[sin(delta / w^(4f/feat_dim)), cos(...)]`` for ``f < feat_dim / 4``: the embedding of
+    mmcv's ``get_position_embedding``, one axis at a time. Returns ``(q_len, k_len,
+    feat_dim // 2)``; ``feat_dim`` must be a multiple of 4.
+    """
+    qi = torch.arange(q_len, device=device, dtype=dtype) * q_stride
+    kj = torch.arange(k_len, device=device, dtype=dtype) * k_stride
+    delta = (qi[:, None] - kj[None, :]) * magnitude  # (q_len, k_len)
+    freq = torch.arange(feat_dim // 4, device=device, dtype=dtype) * (4.0 / feat_dim)
+    wave = torch.full((), wave_length, device=device, dtype=dtype) ** freq  # (feat_dim/4,)
+    phase = delta[..., None] / wave
+    return torch.cat((phase.sin(), phase.cos()), dim=-1)
+
+
+def local_keep_mask(
+    q_size: tuple[int, int], kv_size: tuple[int, int], spatial_range: int, kv_stride: int,
+    device: torch.device | None = None,
+) -> Tensor:
+    """``(Hq*Wq, Hk*Wk)`` boolean keep mask of the local range (True = attend).
+
+    mmcv's ``local_constraint_map`` rule, per axis: query index ``i`` (on the query grid)
+    may attend key index ``j`` (on the key grid) iff ``max((i - r) // s, 0) <= j <
+    (i + r + 1) // s + 1`` with ``r = spatial_range`` and ``s = kv_stride``. Separable, so
+    it is built from two small axis masks without any loop; every query keeps at least
+    one key.
+    """
+
+    def axis(nq: int, nk: int) -> Tensor:
+        i = torch.arange(nq, device=device)[:, None]
+        j = torch.arange(nk, device=device)[None, :]
+        lo = torch.div(i - spatial_range, kv_stride, rounding_mode="floor").clamp(min=0)
+        hi = torch.div(i + spatial_range + 1, kv_stride, rounding_mode="floor") + 1
+        return (j >= lo) & (j < hi)  # (nq, nk)
+
+    rows = axis(q_size[0], kv_size[0])  # (Hq, Hk)
+    cols = axis(q_size[1], kv_size[1])  # (Wq, Wk)
+    keep = rows[:, None, :, None] & cols[None, :, None, :]  # (Hq, Wq, Hk, Wk)
+    return keep.reshape(q_size[0] * q_size[1], kv_size[0] * kv_size[1])
+
+
+@register(
+    _NAME,
+    family="spatial",
+    layout="map",
+    paper="Zhu et al., An Empirical Study of Spatial Attention Mechanisms in Deep Networks "
+    "(generalized attention, Eq. 2-6; mmcv GeneralizedAttention)",
+    year=2019,
+    cost="2·B·C²·(Nq + 2Nk) + 2·B·C²·Nq (1x1 convs) + 2·B·heads·Nq·Nk·(d + hk + wk + dv) "
+    "(scores, weighting); Nq = HW/q_stride², Nk = HW/kv_stride²",
+    captures="(B, heads, 4, Nq, Nk) the energy of each term E1..E4 (zero if off), then "
+    "(B, heads, Nq, Nk) the attention weights",
+)
+class GeneralizedAttention(AttentionModule):
+    """Generalized attention (Zhu et al. ICCV 2019, Eq. 2-6), mmcv's formulation.
+
+    ``out = gamma * proj_conv(concat_m sum_k A_m(q, k) value_conv(x)_k) + x`` with
+    ``A_m = softmax_k(E1 + E2 + E3 + E4)`` over the terms switched on by
+    ``attention_type`` (four bits, E1 E2 E3 E4; all 15 non-empty subsets work). As in
+    mmcv: no ``1/sqrt(d)`` scaling; keys and values read ``x`` subsampled by ``kv_stride``
+    and queries ``x`` subsampled by ``q_stride`` (mmcv's 1x1 average pools, i.e.
+    ``x[..., ::s, ::s]``), the output being resized back bilinearly; relative positions
+    are sinusoids of the x and y offsets (in input pixels, times ``position_magnitude``)
+    projected by ``appr_geom_fc_x`` / ``appr_geom_fc_y`` and divided by ``sqrt(2)``, so
+    ``E2 = q . (P_x + P_y)`` and ``E4 = geom_bias . (P_x + P_y)``; ``E3 = appr_bias . k``;
+    ``spatial_range >= 0`` restricts each query to a local window of keys (mmcv's rule,
+    :func:`local_keep_mask`); ``gamma`` starts at 0, so the module starts as the
+    identity. Head widths are ``in_channels // num_heads`` (mmcv floors, so
+    ``num_heads`` need not divide ``in_channels``).
+
+    mmcv compatibility: the first argument is ``in_channels``; parameters carry mmcv's
+    names and are created under the same conditions (``query_conv`` iff E1 or E2,
+    ``key_conv`` iff E1 or E3, ``appr_geom_fc_x/y`` iff E2 or E4, ``appr_bias`` iff E3,
+    ``geom_bias`` iff E4), initialised the same way (Kaiming-uniform with ``a=1``,
+    zero biases). mmcv's ``local_constraint_map`` is a fixed 0/1 table, so it is not
+    kept: loading an mmcv state dict drops that key and computes the mask for the actual
+    input size. Deviations: mmcv's local range works only for 256 or 512 channels and
+    maps up to 84 or 42 pixels; here it works for any channels and size. With E3 alone
+    and a local range mmcv applies the window of query ``(0, 0)`` to every query (its
+    E3-only shortcut keeps one query row); here each query gets its own window.
+
+    Fast path: no ``Nq x Nk`` energy is formed. E2 and E4 are separable in the x and y
+    offsets, so per query they are a row of ``wk`` numbers plus a column of ``hk``
+    numbers (batched einsums with ``P_x``, ``P_y``); appended to the query vector and
+    matched by one-hot key coordinates appended to the key vector, they turn all four
+    terms into one dot product, and ``F.scaled_dot_product_attention`` (scale 1, the
+    local window as a boolean mask) does the rest. E3 folds into the query as
+    ``q + appr_bias`` (E1 present) or a constant column (E1 absent). Explicit path: each
+    term materialised as its own ``(B, heads, Nq, Nk)`` energy, summed, masked, softmax;
+    capture records the four terms (zeros for terms switched off) and the weights.
+
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``, any ``H, W``. Cost: see the registry.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        spatial_range: int = -1,
+        num_heads: int = 9,
+        position_embedding_dim: int = -1,
+        position_magnitude: float = 1,
+        kv_stride: int = 2,
+        q_stride: int = 1,
+        attention_type: str = "1111",
+    ) -> None:
+        super().__init__()
+        e1, e2, e3, e4 = parse_attention_type(attention_type)
+        check_positive(_NAME, in_channels=in_channels, num_heads=num_heads,
+                       kv_stride=kv_stride, q_stride=q_stride,
+                       position_magnitude=position_magnitude)
+        for key, value in (("in_channels", in_channels), ("num_heads", num_heads),
+                           ("kv_stride", kv_stride), ("q_stride", q_stride),
+                           ("spatial_range", spatial_range)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{_NAME}: {key} must be an int, got {value!r}")
+        if num_heads > in_channels:
+            raise ValueError(
+                f"{_NAME}: in_channels {in_channels} gives no channel per head with "
+                f"num_heads {num_heads} (head width is in_channels // num_heads)"
+            )
+        if spatial_range < -1:
+            raise ValueError(
+                f"{_NAME}: spatial_range must be -1 (global) or >= 0 (local), got {spatial_range}"
+            )
+        pos_dim = position_embedding_dim if position_embedding_dim > 0 else in_channels
+        if (e2 or e4) and pos_dim % 4:
+            raise ValueError(
+                f"{_NAME}: the position embedding width must be a multiple of 4 (sin and "
+                f"cos of x and y offsets), got {pos_dim} (position_embedding_dim="
+                f"{position_embedding_dim}, in_channels={in_channels})"
+            )
+        self.in_channels, self.num_heads = in_channels, num_heads
+        self.spatial_range, self.kv_stride, self.q_stride = spatial_range, kv_stride, q_stride
+        self.position_embedding_dim, self.position_magnitude = pos_dim, position_magnitude
+        self.attention_type = attention_type
+        self.terms = (e1, e2, e3, e4)
+        self.qk_embed_dim = self.v_dim = in_channels // num_heads
+        out_c = self.qk_embed_dim * num_heads
+
+        def conv(cin: int, cout: int, bias: bool = False) -> nn.Conv2d:
+            return nn.Conv2d(cin, cout, 1, bias=bias)
+
+        if e1 or e2:
+            self.query_conv = conv(in_channels, out_c)
+        if e1 or e3:
+            self.key_conv = conv(in_channels, out_c)
+        self.value_conv = conv(in_channels, self.v_dim * num_heads)
+        if e2 or e4:
+            self.appr_geom_fc_x = nn.Linear(pos_dim // 2, out_c, bias=False)
+            self.appr_geom_fc_y = nn.Linear(pos_dim // 2, out_c, bias=False)
+        stdv = 1.0 / math.sqrt(self.qk_embed_dim * 2)
+        if e3:
+            self.appr_bias = nn.Parameter(torch.empty(out_c).uniform_(-stdv, stdv))
+        if e4:
+            self.geom_bias = nn.Parameter(torch.empty(out_c).uniform_(-stdv, stdv))
+        self.proj_conv = conv(self.v_dim * num_heads, in_channels, bias=True)
+        self.gamma = nn.Parameter(torch.zeros(1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_uniform_(m.weight, a=1, mode="fan_in", nonlinearity="leaky_relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, num_heads={self.num_heads}, "
+                f"attention_type='{self.attention_type}', kv_stride={self.kv_stride}, "
+                f"q_stride={self.q_stride}, spatial_range={self.spatial_range}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # mmcv stores its local-range table as a frozen parameter; the mask is recomputed
+        # here for the input's size, so that key is dropped when the range is on (with the
+        # range off it is left in place and strict loading names it as unexpected).
+        if self.spatial_range >= 0:
+            state_dict.pop(prefix + "local_constraint_map", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- pieces shared by both paths ---------------------------------------------------
+    def _positions(self, hq: int, wq: int, hk: int, wk: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``P_x`` ``(heads, wq, wk, d)`` and ``P_y`` ``(heads, hq, hk, d)``, over sqrt(2)."""
+        z, d = self.num_heads, self.qk_embed_dim
+        kw = dict(device=x.device, dtype=x.dtype)
+        args = (self.q_stride, self.kv_stride, self.position_embedding_dim,
+                self.position_magnitude)
+        emb_x = relative_sinusoid(wq, wk, *args, **kw)  # (wq, wk, pos_dim/2)
+        emb_y = relative_sinusoid(hq, hk, *args, **kw)
+        px = self.appr_geom_fc_x(emb_x).reshape(wq, wk, z, d).permute(2, 0, 1, 3)
+        py = self.appr_geom_fc_y(emb_y).reshape(hq, hk, z, d).permute(2, 0, 1, 3)
+        return px / math.sqrt(2), py / math.sqrt(2)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        """``(B, heads*d, h, w)`` -> ``(B, heads, h*w, d)``."""
+        return t.flatten(2).unflatten(1, (self.num_heads, -1)).transpose(-2, -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x, self.in_channels)
+        e1, e2, e3, e4 = self.terms
+        B, _, H, W = x.shape
+        z = self.num_heads
+        x_q = x[:, :, :: self.q_stride, :: self.q_stride] if self.q_stride > 1 else x
+        x_kv = x[:, :, :: self.kv_stride, :: self.kv_stride] if self.kv_stride > 1 else x
+        hq, wq = x_q.shape[-2:]
+        hk, wk = x_kv.shape[-2:]
+        q = self._heads(self.query_conv(x_q)) if (e1 or e2) else None  # (B, z, nq, d)
+        k = self._heads(self.key_conv(x_kv)) if (e1 or e3) else None  # (B, z, nk, d)
+        v = self._heads(self.value_conv(x_kv))  # (B, z, nk, dv)
+        px = py = None
+        if e2 or e4:
+            px, py = self._positions(hq, wq, hk, wk, x)
+        keep = None
+        if self.spatial_range >= 0:
+            keep = local_keep_mask((hq, wq), (hk, wk), self.spatial_range, self.kv_stride,
+                                   x.device)
+        if self.use_fused:
+            out = self._fused(q, k, v, px, py, keep, (B, hq, wq, hk, wk))
+        else:
+            out = self._explicit(q, k, v, px, py, keep, (B, hq, wq, hk, wk))
+        out = out.transpose(-2, -1).reshape(B, z * self.v_dim, hq, wq)
+        out = self.proj_conv(out)
+        if self.q_stride > 1:
+            out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
+        return self.gamma * out + x
+
+    # -- fast path -----------------------------------------------------------------------
+    def _fused(self, q, k, v, px, py, keep, sizes) -> Tensor:  # noqa: ANN001
+        e1, e2, e3, e4 = self.terms
+        B, hq, wq, hk, wk = sizes
+        z, nq, nk = self.num_heads, hq * wq, hk * wk
+        if not (e1 or e2 or e4) and keep is None:
+            # E3 alone: the energy is the same for every query, so one query row suffices
+            scores = (k @ self.appr_bias.reshape(z, -1, 1)).transpose(-2, -1)  # (B, z, 1, nk)
+            out = torch.softmax(scores, dim=-1) @ v  # (B, z, 1, dv)
+            return out.expand(B, z, nq, v.shape[-1])
+        q_parts, k_parts = [], []
+        if e1:
+            q_parts.append(q + self.appr_bias.reshape(z, 1, -1) if e3 else q)
+            k_parts.append(k)
+        elif e3:
+            q_parts.append(v.new_ones(B, z, nq, 1))
+            k_parts.append(k @ self.appr_bias.reshape(z, -1, 1))  # (B, z, nk, 1)
+        if e2 or e4:
+            # content (and/or geom_bias) against the position features, one axis at a time:
+            # energy_x[q, kx] (B, z, nq, wk) and energy_y[q, ky] (B, z, nq, hk)
+            if e2:
+                c = q.reshape(B, z, hq, wq, -1)
+                if e4:
+                    c = c + self.geom_bias.reshape(z, 1, 1, -1)
+                ex = torch.einsum("bzhwd,zwkd->bzhwk", c, px)
+                ey = torch.einsum("bzhwd,zhjd->bzhwj", c, py)
+            else:
+                g = self.geom_bias.reshape(z, -1)
+                ex = torch.einsum("zd,zwkd->zwk", g, px)[None, :, None].expand(B, z, hq, wq, wk)
+                ey = torch.einsum("zd,zhjd->zhj", g, py)[None, :, :, None].expand(
+                    B, z, hq, wq, hk)
+            q_parts += [ex.reshape(B, z, nq, wk), ey.reshape(B, z, nq, hk)]
+            # key (ky, kx) reads column kx of energy_x and column ky of energy_y
+            onehot_x = torch.eye(wk, dtype=v.dtype, device=v.device).repeat(hk, 1)  # (nk, wk)
+            onehot_y = torch.eye(hk, dtype=v.dtype, device=v.device).repeat_interleave(wk, 0)
+            k_parts += [onehot_x.expand(B, z, nk, wk), onehot_y.expand(B, z, nk, hk)]
+        q_aug = torch.cat(q_parts, -1) if len(q_parts) > 1 else q_parts[0]
+        k_aug = torch.cat(k_parts, -1) if len(k_parts) > 1 else k_parts[0]
+        return F.scaled_dot_product_attention(q_aug, k_aug, v, attn_mask=keep, scale=1.0)
+
+    # -- explicit path -------------------------------------------------------------------
+    def _explicit(self, q, k, v, px, py, keep, sizes) -> Tensor:  # noqa: ANN001
+        e1, e2, e3, e4 = self.terms
+        B, hq, wq, hk, wk = sizes
+        z, nq, nk = self.num_heads, hq * wq, hk * wk
+        zero = v.new_zeros(B, z, nq, nk)
+        terms = [zero, zero, zero, zero]
+        if e1:  # E1: q . k
+            terms[0] = q @ k.transpose(-2, -1)
+        if e2:  # E2: q . (P_x + P_y)
+            qg = q.reshape(B, z, hq, wq, -1)
+            ex = torch.einsum("bzhwd,zwkd->bzhwk", qg, px)
+            ey = torch.einsum("bzhwd,zhjd->bzhwj", qg, py)
+            terms[1] = (ey[..., :, None] + ex[..., None, :]).reshape(B, z, nq, nk)
+        if e3:  # E3: appr_bias . k, the same for every query
+            u = self.appr_bias.reshape(z, 1, -1)
+            terms[2] = (u @ k.transpose(-2, -1)).expand(B, z, nq, nk)
+        if e4:  # E4: geom_bias . (P_x + P_y), the same for every sample
+            g = self.geom_bias.reshape(z, -1)
+            ex = torch.einsum("zd,zwkd->zwk", g, px)  # (z, wq, wk)
+            ey = torch.einsum("zd,zhjd->zhj", g, py)  # (z, hq, hk)
+            e4_map = ey[:, :, None, :, None] + ex[:, None, :, None, :]  # (z, hq, wq, hk, wk)
+            terms[3] = e4_map.reshape(1, z, nq, nk).expand(B, z, nq, nk)
+        energy = terms[0] + terms[1] + terms[2] + terms[3]
+        weights = masked_softmax(energy, mask=keep)
+        if self.capturing:
+            self.record(torch.stack(terms, dim=2))
+            self.record(weights)
+        return weights @ v
+
+    # -- benchmarks and visualisation ----------------------------------------------------
+    @classmethod
+    def example(cls, name: str, batch: int, channels: int, size: tuple[int, int],
+                **kwargs: Any):
+        """The module (heads: the largest count <= 8 dividing ``channels``) and an input.
+
+        ``gamma`` is set to 1 (mmcv starts it at 0, where the output is the input and
+        would hide the attention from the tests and benchmarks that use this example).
+        """
+        kwargs.setdefault("num_heads", math.gcd(channels, 8))
+        if channels % 4:
+            kwargs.setdefault("position_embedding_dim", 4 * max(1, channels // 4))
+        module, inputs = super().example(name, batch, channels, size, **kwargs)
+        with torch.no_grad():
+            module.gamma.fill_(1.0)
+        return module, inputs
+
+    @classmethod
+    def spatial_map(cls, weights: Tensor, size: tuple[int, int]) -> Tensor:
+        """The attention each key receives (mean over heads and queries), as ``(B, H, W)``.
+
+        The key grid is ``ceil(H / s) x ceil(W / s)`` for the ``kv_stride`` ``s`` that
+        matches the record; it is resized to ``H x W`` (nearest).
+        """
+        H, W = size
+        if weights.dim() == 5:  # the per-term energies: use their sum's softmax instead
+            weights = weights.float().sum(2).softmax(-1)
+        nk = weights.shape[-1]
+        for s in range(1, max(H, W) + 1):
+            hk, wk = -(-H // s), -(-W // s)
+            if hk * wk == nk:
+                received = weights.float().reshape(weights.shape[0], -1, nk).mean(1)
+                grid = received.reshape(-1, 1, hk, wk)
+                return F.interpolate(grid, size=(H, W), mode="nearest")[:, 0]
+        raise ValueError(
+            f"{cls.__name__}: a record with {nk} keys matches no key grid of a {H}x{W} map"
+        )
