@@ -175,7 +175,10 @@ def create(name: str, *args: Any, **kwargs: Any):
     >>> attn = sa.create("multi_head", 64, 4)
     """
     entry = info(name)
-    return entry.cls(*args, **{**entry.defaults, **kwargs})
+    module = entry.cls(*args, **{**entry.defaults, **kwargs})
+    # one class may serve several names: errors should name the one the user asked for
+    module.registered_name = name
+    return module
 
 
 def list_mechanisms(family: str | None = None, layout: str | None = None) -> list[str]:

@@ -26,6 +26,7 @@ __all__ = [
     "scaled_dot_product_scores",
     "additive_scores",
     "attention",
+    "additive_mask",
 ]
 
 
@@ -179,3 +180,18 @@ def attention(
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     out = dropped @ value
     return (out, weights) if return_weights else out
+
+
+def additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean keep mask -> float mask to add to scores: 0 where kept, a huge negative
+    where masked.
+
+    Used where a mask must be *summed* with a learned bias (Swin's relative position bias
+    plus its shift and padding masks) before one fused kernel call. The value is half the
+    dtype's most negative number, so adding a score can never overflow to ``-inf``:
+    masked keys get exactly zero weight, and a row with no kept key stays finite
+    (uniform over its masked keys, on both paths) instead of NaN. Such rows belong to
+    padding queries, whose outputs are discarded.
+    """
+    zero = torch.zeros((), dtype=dtype, device=keep.device)
+    return torch.where(keep, zero, torch.finfo(dtype).min / 2)

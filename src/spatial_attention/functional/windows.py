@@ -24,6 +24,8 @@ __all__ = [
     "region_labels",
     "shifted_window_mask",
     "window_attention_mask",
+    "window_token_index",
+    "effective_shift",
 ]
 
 
@@ -115,8 +117,8 @@ def region_labels(
     sh, sw = to_2tuple(shift)
     rows = torch.arange(height, device=device)
     cols = torch.arange(width, device=device)
-    row_region = (rows >= height - mh).long() + (rows >= height - sh).long() * (sh > 0)
-    col_region = (cols >= width - mw).long() + (cols >= width - sw).long() * (sw > 0)
+    row_region = (rows >= height - mh).long() + (rows >= height - sh).long() * int(sh > 0)
+    col_region = (cols >= width - mw).long() + (cols >= width - sw).long() * int(sw > 0)
     if sh == 0:
         row_region = torch.zeros_like(row_region)
     if sw == 0:
@@ -167,3 +169,58 @@ def window_attention_mask(
         valid_keys = window_partition(valid, (mh, mw))[..., 0]  # (nW, N)
         keep = keep & valid_keys[:, None, :]
     return keep, pad_h, pad_w
+
+
+def effective_shift(
+    height: int, width: int, window_size: int | tuple[int, int], shift: int | tuple[int, int]
+) -> tuple[int, int]:
+    """The shift Swin actually applies: none along an axis the window already covers.
+
+    The official code and timm drop the shift where the map is no larger than the window
+    (stage 4 of a 224 model is 7 x 7 with window 7): shifting a single window only adds
+    a mask. Applied per axis, as timm does.
+    """
+    mh, mw = to_2tuple(window_size)
+    sh, sw = to_2tuple(shift)
+    return (0 if height <= mh else sh, 0 if width <= mw else sw)
+
+
+def window_token_index(
+    height: int,
+    width: int,
+    window_size: int | tuple[int, int],
+    shift: int | tuple[int, int] = 0,
+    device: torch.device | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Pad + cyclic shift + window partition as one gather, and its inverse.
+
+    Returns ``(gather, scatter)``:
+
+    * ``gather`` ``(nW * N,)``: for each slot of the windowed, shifted, padded map, the
+      flat index (into ``H * W``) of the token it holds. ``x.flatten(1, 2)[:, gather]``
+      is ``window_partition(cyclic_shift(pad_to_multiple(x)))`` flattened, except that
+      padded slots hold token 0 instead of zeros: their keys must be masked out (see
+      :func:`window_attention_mask`) and their queries are never read back.
+    * ``scatter`` ``(H * W,)``: the slot of every real token, so
+      ``windows[:, scatter]`` undoes the gather and crops the padding in one step.
+
+    One ``index_select`` each way replaces ``F.pad`` + ``torch.roll`` + two permuted
+    copies. Everything is arithmetic on ``arange``, so it traces and exports.
+    """
+    mh, mw = to_2tuple(window_size)
+    sh, sw = to_2tuple(shift)
+    Hp, Wp = height + (-height) % mh, width + (-width) % mw
+    # slot (i, j) of the shifted padded map holds padded-map position (i + s) mod size
+    src_r = (torch.arange(Hp, device=device) + sh) % Hp
+    src_c = (torch.arange(Wp, device=device) + sw) % Wp
+    real = (src_r < height)[:, None] & (src_c < width)[None, :]
+    flat = torch.where(real, src_r[:, None] * width + src_c[None, :], 0)
+    gather = window_partition(flat[None, :, :, None], (mh, mw)).reshape(-1)
+    # a real token at (r, c) sits at shifted position ((r - s) mod size), then in
+    # window (i // M, j // M) at offset (i % M, j % M)
+    i = (torch.arange(height, device=device) - sh) % Hp
+    j = (torch.arange(width, device=device) - sw) % Wp
+    window = (i // mh)[:, None] * (Wp // mw) + (j // mw)[None, :]
+    offset = (i % mh)[:, None] * mw + (j % mw)[None, :]
+    scatter = (window * (mh * mw) + offset).reshape(-1)
+    return gather, scatter

@@ -54,7 +54,11 @@ class AttentionModule(nn.Module):
     # -- validation ----------------------------------------------------------------
     @property
     def mechanism_name(self) -> str:
+        chosen = self.__dict__.get("registered_name")
+        if chosen:
+            return chosen
         names = type(self).registered_names
+        # decorators run bottom-up: the first name registered is the class's primary one
         return names[0] if names else type(self).__name__
 
     def check_input(self, x: Tensor, channels: int | None = None) -> None:

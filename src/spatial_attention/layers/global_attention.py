@@ -1,0 +1,171 @@
+"""Global token attention on ``(B, H, W, C)``: plain ViT self-attention and Twins GSA.
+
+* ``global_attention``: multi-head self-attention over all ``N = H·W`` tokens (Dosovitskiy
+  et al. ICLR 2021, Eq. 2-3; Vaswani et al. 2017, Sec. 3.2.2), the baseline every local
+  mechanism is measured against. Cost quadratic in ``N``.
+* ``twins_gsa``: global sub-sampled attention (Chu et al. NeurIPS 2021, Sec. 3.2, Eq. 5;
+  the spatial-reduction attention of PVT, Wang et al. ICCV 2021): queries from every
+  token, keys and values from the map reduced by a ``sr x sr`` convolution with stride
+  ``sr`` and a LayerNorm, so the cost is ``N · N / sr²``. Twins uses sr = 8, 4, 2, 1 in
+  its four stages.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..checks import check_divisible, check_positive, check_probability
+from ..functional.scoring import attention
+from ..registry import register
+from .base import AttentionModule
+
+__all__ = ["GlobalAttention", "GlobalSubsampledAttention"]
+
+
+class _TokenAttention(AttentionModule):
+    """Shared tail of the global mechanisms: heads in, projection out."""
+
+    layout = "tokens"
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """``(B, heads, Nq, d)`` x ``(B, heads, Nk, d)`` -> ``(B, Nq, C)``."""
+        p = self.attn_drop if self.training else 0.0
+        if self.use_fused:
+            out = attention(q, k, v, scale=self.scale, dropout_p=p)
+        else:
+            out, weights = attention(
+                q, k, v, scale=self.scale, dropout_p=p, fused=False, return_weights=True
+            )
+            self.record(weights)  # (B, heads, Nq, Nk)
+        B, _, Nq, _ = q.shape
+        return out.transpose(1, 2).reshape(B, Nq, self.dim)
+
+
+@register(
+    "global_attention",
+    family="token_global",
+    layout="tokens",
+    paper="Dosovitskiy et al., An Image is Worth 16x16 Words (multi-head self-attention, "
+    "Eq. 2-3)",
+    year=2021,
+    cost="8·B·N·C² (projections) + 4·B·N²·C (scores and weighting), N = H·W",
+    captures="(B, heads, N, N) attention weights",
+)
+class GlobalAttention(_TokenAttention):
+    """Multi-head self-attention over every token of a ``(B, H, W, C)`` map.
+
+    ``softmax(Q K^T / sqrt(d)) V`` per head, then an output projection; parameter names
+    ``qkv`` and ``proj`` as in timm's ``Attention`` (and Twins' and ViT's checkpoints).
+    Fast path: one ``F.scaled_dot_product_attention`` call (flash kernels never build the
+    ``N x N`` matrix); explicit path: the same math written out, weights recorded.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_divisible("global_attention", dim, num_heads)
+        check_probability("global_attention", attn_drop=attn_drop, proj_drop=proj_drop)
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x, self.dim)
+        B, H, W, C = x.shape
+        qkv = self.qkv(x.reshape(B, H * W, C)).view(B, H * W, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d)
+        return self.proj_drop(self.proj(self._attend(q, k, v))).view(B, H, W, C)
+
+
+@register(
+    "twins_gsa",
+    family="token_global",
+    layout="tokens",
+    paper="Chu et al., Twins: Revisiting the Design of Spatial Attention in Vision "
+    "Transformers (GSA, Sec. 3.2, Eq. 5)",
+    year=2021,
+    cost="4·B·N·C² (q, proj) + 4·B·(N/sr²)·C² (kv) + 2·B·N·C² (sr conv) "
+    "+ 4·B·N·(N/sr²)·C (scores and weighting)",
+    captures="(B, heads, N, N/sr²) attention weights (keys on the reduced grid)",
+)
+class GlobalSubsampledAttention(_TokenAttention):
+    """Twins GSA / PVT spatial-reduction attention on ``(B, H, W, C)``.
+
+    ``q = x W_q``; the map is reduced by ``Conv2d(C, C, sr, stride=sr)`` and a
+    LayerNorm, and ``k, v`` come from the reduced tokens (``sr = 1``: no conv, no norm,
+    keys from every token, as in Twins' last stage). Parameter names ``q``, ``kv``,
+    ``sr``, ``norm``, ``proj`` are Twins' and timm's.
+
+    Any ``H, W``: a map whose sides are not multiples of ``sr`` loses its last rows and
+    columns to the strided convolution, exactly as in the official code (PVT and Twins
+    do the same), so every key is still a full ``sr x sr`` patch; maps smaller than
+    ``sr`` are reduced with a kernel clipped to the map (a single key), where the
+    official code would fail.
+
+    Cost: ``N · N/sr²`` scores per head instead of ``N²``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        sr_ratio: int = 1,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_divisible("twins_gsa", dim, num_heads)
+        check_positive("twins_gsa", sr_ratio=sr_ratio)
+        check_probability("twins_gsa", attn_drop=attn_drop, proj_drop=proj_drop)
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.sr_ratio = sr_ratio
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+        else:
+            self.sr = None
+            self.norm = None
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}"
+
+    def _reduce(self, x: Tensor) -> Tensor:
+        """``(B, H, W, C)`` -> ``(B, N/sr², C)`` key/value tokens."""
+        B, H, W, C = x.shape
+        if self.sr is None:
+            return x.reshape(B, H * W, C)
+        r = self.sr_ratio
+        fmap = x.permute(0, 3, 1, 2)
+        if H < r or W < r:
+            # a map smaller than the reduction: clip the kernel to it (one key per axis)
+            w = self.sr.weight[:, :, : min(H, r), : min(W, r)]
+            reduced = nn.functional.conv2d(fmap, w, self.sr.bias, stride=r)
+        else:
+            reduced = self.sr(fmap)
+        return self.norm(reduced.flatten(2).transpose(1, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x, self.dim)
+        B, H, W, C = x.shape
+        q = self.q(x.reshape(B, H * W, C)).view(B, H * W, self.num_heads, self.head_dim)
+        kv = self.kv(self._reduce(x))
+        kv = kv.view(B, -1, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N/sr², d)
+        out = self._attend(q.transpose(1, 2), k, v)
+        return self.proj_drop(self.proj(out)).view(B, H, W, C)

@@ -1,0 +1,261 @@
+"""Window attention on ``(B, H, W, C)``: Swin W-MSA / SW-MSA and Twins LSA.
+
+Swin Transformer (Liu et al. ICCV 2021, Sec. 3.2, Eq. 4; microsoft/Swin-Transformer)
+splits the map into non-overlapping ``M x M`` windows and runs multi-head self-attention
+inside each, ``softmax(Q K^T / sqrt(d) + B) V`` with a learned relative position bias
+``B``; every other block shifts the map cyclically by ``M // 2`` first and masks the
+tokens that came from different regions (SW-MSA). Twins-SVT's locally-grouped
+self-attention (Chu et al. NeurIPS 2021, Sec. 3.2, Eq. 5; Meituan-AutoML/Twins) is the
+same computation without position bias and without shift, window 7.
+
+Any ``H, W``: the map is padded to a multiple of the window and the padded tokens are
+masked out of every softmax, so a real token's output never depends on padding. The
+official code and timm pad with zeros *without* masking (those zero tokens still get
+keys and values from the qkv bias), so at sizes that need padding our outputs differ
+from theirs by design; where no padding is needed they are equal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checks import check_divisible, check_positive, check_probability
+from ..functional.position import relative_position_bias, relative_position_index
+from ..functional.scoring import additive_mask, attention
+from ..functional.windows import (
+    effective_shift,
+    to_2tuple,
+    window_attention_mask,
+    window_token_index,
+)
+from ..registry import register
+from .base import AttentionModule
+
+__all__ = ["WindowAttention"]
+
+_SWIN = "Liu et al., Swin Transformer: Hierarchical Vision Transformer using Shifted Windows"
+_COST = "2·B·N·C·3C + 2·B·N·C² (projections) + 4·B·N·M²·C (scores and weighting), N = H·W"
+
+
+@register(
+    "shifted_window_attention",
+    family="token_local",
+    layout="tokens",
+    paper=_SWIN + " (SW-MSA, Sec. 3.2, Eq. 4)",
+    year=2021,
+    cost=_COST,
+    captures="(B, nW, heads, M², M²) attention weights per shifted window",
+    shift_size=None,
+)
+@register(
+    "twins_lsa",
+    family="token_local",
+    layout="tokens",
+    paper="Chu et al., Twins: Revisiting the Design of Spatial Attention in Vision "
+    "Transformers (LSA, Sec. 3.2, Eq. 5)",
+    year=2021,
+    cost=_COST,
+    captures="(B, nW, heads, M², M²) attention weights per window",
+    position_bias=False,
+)
+@register(
+    "window_attention",
+    family="token_local",
+    layout="tokens",
+    paper=_SWIN + " (W-MSA, Sec. 3.2, Eq. 4)",
+    year=2021,
+    cost=_COST,
+    captures="(B, nW, heads, M², M²) attention weights per window (padded slots included)",
+)
+class WindowAttention(AttentionModule):
+    """Multi-head self-attention inside (shifted) ``M x M`` windows of a ``(B, H, W, C)`` map.
+
+    Args:
+        dim: channels ``C``.
+        num_heads: heads; ``dim`` must be divisible by it.
+        window_size: ``M`` (or ``(Mh, Mw)``); 7 in Swin and Twins.
+        shift_size: cyclic shift ``s`` with ``0 <= s < M``; 0 is W-MSA, ``M // 2`` SW-MSA
+            (``None`` means ``M // 2``). Along an axis no longer than the window the shift
+            is dropped, as in the official code (the stage-4 blocks of a 224 model).
+        qkv_bias: bias in the qkv projection (True in Swin and Twins).
+        attn_drop, proj_drop: dropout on the weights and on the output.
+        position_bias: Swin's learned relative position bias, a
+            ``((2Mh-1)(2Mw-1), heads)`` table (``False`` for Twins LSA).
+
+    Shapes: ``(B, H, W, C) -> (B, H, W, C)``, any ``H, W >= 1``.
+
+    Parameter names are the official ones (``qkv``, ``proj``,
+    ``relative_position_bias_table``), so Swin, Twins and timm weights load unchanged; the
+    index is a non-persistent buffer (as in timm), official checkpoints' copy is dropped
+    by the model loaders.
+
+    Fast path: pad, shift and partition are one ``index_select`` of the tokens (and one
+    back, which also crops); every window of the batch goes through one
+    ``F.scaled_dot_product_attention`` call with the bias, shift mask and padding mask
+    summed into one float mask of shape ``(nW, heads, N, N)``, broadcast over the batch
+    (never repeated per image on CPU). Explicit path: the same scores written out, with
+    the weights recorded for capture.
+
+    Cost: ``2·B·N·C·4C`` (projections) ``+ 4·B·N·M²·C`` (scores and weighting), linear in
+    the number of tokens ``N = H·W``.
+    """
+
+    layout = "tokens"
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int | tuple[int, int] = 7,
+        shift_size: int | tuple[int, int] | None = 0,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        position_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        name = "window_attention"
+        check_divisible(name, dim, num_heads)
+        self.window_size = to_2tuple(window_size)
+        check_positive(name, window_size=min(self.window_size))
+        mh, mw = self.window_size
+        self.shift_size = (mh // 2, mw // 2) if shift_size is None else to_2tuple(shift_size)
+        if not all(0 <= s < m for s, m in zip(self.shift_size, self.window_size, strict=True)):
+            raise ValueError(
+                f"{name}: shift_size must satisfy 0 <= shift < window ({self.window_size}), "
+                f"got {self.shift_size}"
+            )
+        check_probability(name, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+        if position_bias:
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * mh - 1) * (2 * mw - 1), num_heads)
+            )
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+            self.register_buffer(
+                "relative_position_index",
+                relative_position_index(self.window_size),
+                persistent=False,
+            )
+        else:
+            self.relative_position_bias_table = None
+        self._layouts: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor | None]] = {}
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
+            f"shift_size={self.shift_size}, "
+            f"position_bias={self.relative_position_bias_table is not None}"
+        )
+
+    # -- the token layout of one map size (cached; rebuilt inline while tracing) ------
+    def _layout(
+        self, height: int, width: int, shift: tuple[int, int], device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        key = (height, width, shift, device)
+        cached = self._layouts.get(key) if not _tracing() else None
+        if cached is not None:
+            return cached
+        gather, scatter = window_token_index(height, width, self.window_size, shift, device)
+        keep, _, _ = window_attention_mask(height, width, self.window_size, shift, device)
+        result = (gather, scatter, keep)
+        if not _tracing():
+            if len(self._layouts) > 16:  # many sizes (multi-scale training): keep it bounded
+                self._layouts.clear()
+            self._layouts[key] = result
+        return result
+
+    def _bias_and_mask(self, keep: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        """``(nW | 1, heads, N, N)`` float mask: position bias + shift/padding mask."""
+        mask = None
+        if self.relative_position_bias_table is not None:
+            mask = relative_position_bias(
+                self.relative_position_bias_table, self.relative_position_index
+            ).to(dtype)[None]  # (1, heads, N, N)
+        if keep is not None:
+            blocked = additive_mask(keep, dtype)[:, None]  # (nW, 1, N, N)
+            mask = blocked if mask is None else mask + blocked
+        return mask
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x, self.dim)
+        B, H, W, C = x.shape
+        mh, mw = self.window_size
+        N = mh * mw
+        shift = effective_shift(H, W, self.window_size, self.shift_size)
+        gather, scatter, keep = self._layout(H, W, shift, x.device)
+        nW = gather.numel() // N
+
+        tokens = x.reshape(B, H * W, C).index_select(1, gather)  # (B, nW*N, C)
+        qkv = self.qkv(tokens).view(B, nW, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, d)
+        mask = self._bias_and_mask(keep, q.dtype)
+        p = self.attn_drop if self.training else 0.0
+        if self.use_fused:
+            out = _window_sdpa(q, k, v, mask, self.scale, p)
+        else:
+            out, weights = attention(
+                q, k, v, mask, scale=self.scale, dropout_p=p, fused=False, return_weights=True
+            )
+            self.record(weights)  # (B, nW, heads, N, N)
+        out = out.transpose(2, 3).reshape(B, nW * N, C).index_select(1, scatter)
+        return self.proj_drop(self.proj(out)).view(B, H, W, C)
+
+    @classmethod
+    def spatial_map(cls, weights: Tensor, size: tuple[int, int]) -> Tensor:
+        """Per-window maps -> ``(B, H, W)``: how much attention each token receives.
+
+        Assumes the record came from a map of ``size`` with this module's default layout
+        (unshifted, the windows in row-major order); the padded slots are cropped.
+        """
+        H, W = size
+        if weights.dim() != 5:
+            return super().spatial_map(weights, size)
+        B, nW, _, N, _ = weights.shape
+        m = int(round(N**0.5))
+        received = weights.float().mean((2, 3))  # (B, nW, N)
+        nh = -(-H // m)
+        nw = nW // nh
+        grid = received.view(B, nh, nw, m, m).permute(0, 1, 3, 2, 4).reshape(B, nh * m, nw * m)
+        return grid[:, :H, :W]
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _window_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float
+) -> Tensor:
+    """One SDPA call over all windows of ``(B, nW, heads, N, d)`` inputs.
+
+    A mask shared by every window (bias only) broadcasts as ``(1, heads, N, N)`` over
+    ``B * nW`` windows, the 4-D form the fused kernels take. A per-window mask
+    ``(nW, heads, N, N)`` broadcasts over the batch axis of the 5-D form on CPU (no
+    copy per image); CUDA's fused kernels want 4-D, so there it is expanded to
+    ``(B * nW, heads, N, N)``.
+    """
+    B, nW, h, N, d = q.shape
+    if mask is None or mask.shape[0] == 1:
+        out = F.scaled_dot_product_attention(
+            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+            attn_mask=mask, dropout_p=dropout_p, scale=scale,
+        )
+        return out.view(B, nW, h, N, d)
+    if q.is_cuda:
+        full = mask.expand(B, nW, h, N, N).reshape(B * nW, h, N, N)
+        out = F.scaled_dot_product_attention(
+            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+            attn_mask=full, dropout_p=dropout_p, scale=scale,
+        )
+        return out.view(B, nW, h, N, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
