@@ -1,4 +1,5 @@
-"""The ``spatial-attention`` command: list, info, bench, viz, train, evaluate.
+"""The ``spatial-attention`` command: list, info, bench, viz, train, evaluate, denoise,
+train-denoiser.
 
 Each subcommand lives with the code it drives (``bench.py``, ``viz.py``, ``train.py``),
 which exposes ``add_arguments(parser)`` and ``run(args) -> int``. Bad arguments or
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=_cmd_info)
 
-    from . import bench, train, viz
+    from . import bench, denoise, train, viz
 
     p = sub.add_parser("bench", help="parameters, FLOPs, time and memory of mechanisms")
     bench.add_arguments(p)
@@ -96,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion of a run")
     train.add_evaluate_arguments(p)
     p.set_defaults(func=train.run_evaluate)
+
+    p = sub.add_parser("denoise", help="denoise an image with NBNet (tiled, any size)")
+    denoise.add_arguments(p)
+    p.set_defaults(func=denoise.run)
+
+    p = sub.add_parser("train-denoiser", help="train NBNet on synthetic noise; PSNR/SSIM")
+    denoise.add_train_arguments(p)
+    p.set_defaults(func=denoise.run_train)
     return parser
 
 

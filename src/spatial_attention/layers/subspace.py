@@ -166,7 +166,9 @@ def _unrolled_spd_solve(gram: Tensor, rhs: Tensor) -> Tensor:
 def _solve(gram: Tensor, rhs: Tensor) -> Tensor:
     if torch.onnx.is_in_onnx_export():
         return _unrolled_spd_solve(gram, rhs)
-    return torch.linalg.solve(gram, rhs)
+    # solve_ex skips linalg.solve's error check (a device sync on CUDA); the ridge keeps
+    # gram invertible
+    return torch.linalg.solve_ex(gram, rhs)[0]
 
 
 def projection_matrix(bases: Tensor, ridge: float = 1e-6) -> Tensor:
@@ -177,7 +179,7 @@ def projection_matrix(bases: Tensor, ridge: float = 1e-6) -> Tensor:
     """
     v = l1_normalise_bases(bases.to(_compute_dtype(bases.dtype)))  # (B, K, N)
     gram = _ridge_gram(v, ridge)
-    return v.transpose(1, 2) @ torch.linalg.solve(gram, v)  # (B, N, K) @ (B, K, N)
+    return v.transpose(1, 2) @ torch.linalg.solve_ex(gram, v)[0]  # (B, N, K) @ (B, K, N)
 
 
 def subspace_project(x: Tensor, bases: Tensor, ridge: float = 1e-6, fused: bool = True
