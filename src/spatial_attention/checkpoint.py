@@ -108,6 +108,28 @@ def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
         ) from None
 
 
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's contents from safetensors, or torch with ``weights_only=True``.
+
+    Foreign checkpoints (official releases, timm) come as either; torch files are never
+    unpickled beyond tensors and plain containers. Clear UsageErrors for absent or
+    unreadable files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return read_weights(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for garbled or non-torch files
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"checkpoint {path} could not be read ({msg})") from None
+    if not isinstance(state, dict):
+        raise UsageError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
 def _names(keys: list[str], limit: int = 6) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")

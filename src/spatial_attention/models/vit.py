@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_model
+from .common import drop_path
 
 __all__ = [
     "VisionTransformer",
@@ -87,15 +88,6 @@ def resolve_token_mixer(
         return create(mixer, dim, num_heads, **kwargs)
 
     return build, entry.layout == "sequence"
-
-
-def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
-    """Stochastic depth (Huang et al. 2016): drop whole residual branches per sample."""
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask / keep
 
 
 class Block(nn.Module):
