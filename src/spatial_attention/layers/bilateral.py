@@ -1,0 +1,245 @@
+"""BOAT's bilateral local attention on ``(B, H, W, C)``: feature-space plus image-space.
+
+BOAT (Yu, Zhao, Li, Yu, "BOAT: Bilateral Local Attention Vision Transformer", BMVC
+2022, arXiv 2201.13027) pairs the image-space local attention of Swin / CSWin (tokens
+attend inside a window of the *image*) with feature-space local attention, FSLA (tokens
+attend inside a group of tokens with *similar features*, wherever they lie), so distant
+but similar patches interact at window cost.
+
+* ``fsla`` (:class:`FeatureSpaceLocalAttention`): Sec. 3.2 of the paper, written from
+  the reference implementation (mahaoyuHKU/pytorch-boat, ``ContentAttention``).
+* ``bilateral_local_attention`` (:class:`BilateralLocalAttention`): one image-space
+  branch and one FSLA branch, each pre-normed and residual, in that order, as the BOAT
+  blocks run them (Sec. 3.3): ``x = x + ISLA(LN(x)); x = x + FSLA(LN(x))``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checks import check_divisible, check_positive, check_probability
+from ..functional.clustering import balanced_binary_clustering, inverse_permutation
+from ..functional.scoring import attention
+from ..registry import register
+from .base import AttentionModule
+
+__all__ = ["FeatureSpaceLocalAttention", "BilateralLocalAttention", "fsla_key_positions"]
+
+
+def fsla_key_positions(
+    num_tokens: int, group_size: int, overlap: int, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """Which slots of the clustered order each leaf reads as keys, and which are real.
+
+    Leaves pair up as siblings ``(2i, 2i+1)`` (the two halves of the last split). Leaf
+    ``2i`` reads its own ``g`` slots and the *first* ``overlap`` slots of leaf ``2i+1``;
+    leaf ``2i+1`` reads its own and the *last* ``overlap`` of leaf ``2i``: in both cases
+    the sibling's tokens nearest the cut. Returns ``(positions, valid)``, both ``(nG, g +
+    overlap)`` with ``nG = ceil(N / g)``; ``valid`` is False on padding slots (``>= N``),
+    which include a missing sibling (a single leaf, or an unpaired last leaf).
+    """
+    g, o = group_size, overlap
+    groups = max(1, -(-num_tokens // g))
+    leaf = torch.arange(groups, device=device)[:, None]
+    own = leaf * g + torch.arange(g, device=device)
+    odd = leaf % 2
+    sibling_start = torch.where(odd.bool(), (leaf - 1) * g + (g - o), (leaf + 1) * g)
+    sibling = sibling_start + torch.arange(o, device=device)
+    positions = torch.cat([own, sibling], dim=1)
+    return positions, positions < num_tokens
+
+
+def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x (B, h, N, d)`` at token indices ``(B, h, M)`` -> ``(B, h, M, d)``."""
+    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+@register(
+    "fsla",
+    family="token_feature_space",
+    layout="tokens",
+    paper="Yu et al., BOAT: Bilateral Local Attention Vision Transformer (BMVC, Sec. 3.2, "
+    "feature-space local attention)",
+    year=2022,
+    cost="8·B·N·C² (qkv, proj) + 4·B·N·(g+o)·C (grouped attention) + 18·B·N·C (dwconv) "
+    "+ O(B·N·C·log(N/g)) clustering",
+    captures="(B, heads, nG, g, g+o) weights, then the (B, heads, H, W) leaf of each token",
+)
+class FeatureSpaceLocalAttention(AttentionModule):
+    """FSLA (Yu et al. BMVC 2022, Sec. 3.2): attention inside clusters of similar tokens.
+
+    Per head, the queries are grouped by :func:`~spatial_attention.functional.clustering.
+    balanced_binary_clustering` into leaves of exactly ``group_size`` tokens (``g = 49``,
+    the 7x7 window area, so FSLA costs what window attention costs); no gradient flows
+    through the grouping. Each leaf attends ``softmax(q k^T * scale) v`` over its own
+    ``g`` keys and the ``overlap`` (20) keys of its sibling leaf nearest the cut, ``g +
+    overlap`` keys in all. A depthwise 3x3 convolution of the values, in image layout, is
+    added to the attention output before the output projection, as in the reference.
+
+    Parameter names (``qkv``, ``get_v``, ``proj``) and layout (``qkv`` output laid out
+    ``(3, heads, head_dim)``) are the reference's ``ContentAttention``, so its weights
+    load as they are.
+
+    Any size: ``N = H*W`` need not be ``49 * 2^L`` (the reference's only case, at 224
+    input). The clustering pads to ``g * 2^L`` slots that always sort last, so only the
+    last real leaf is partial; leaves of padding alone are never computed, and padding
+    keys are masked out of every softmax. Any batch size; samples never mix.
+
+    Deviations from the reference, each kept behind a flag where a checkpoint needs it:
+
+    * ``scale``: ``head_dim ** -0.5`` by default. The reference's BOAT-CSWin passes
+      ``qk_scale=qkv_bias`` (True), i.e. a scale of 1.0; ``scale=1.0`` reproduces that.
+    * ``pair_batch``: with one leaf per image (``N <= g``, e.g. CSWin's 7x7 last stage)
+      the reference pairs image ``2i`` with image ``2i+1`` of the batch as "siblings",
+      mixing samples (and failing for odd batches). By default a lone leaf has no
+      sibling; ``pair_batch=True`` reproduces the reference (even batches only).
+
+    Fast path: the clustering as sorts and gathers batched over every (batch, head,
+    cluster), one gather each for q, k, v, and one ``F.scaled_dot_product_attention`` over
+    all ``B * heads * nG`` leaves; memory linear in ``N``. Explicit path: the same leaves,
+    softmax written out and recorded.
+
+    Shapes: ``(B, H, W, C) -> (B, H, W, C)``. Cost: ``8 B N C^2`` (qkv, proj) ``+ 4 B N
+    (g + o) C`` (attention) ``+ 18 B N C`` (convolution) plus the clustering,
+    ``O(B N C log2(N / g))``: linear in ``N`` where global attention is quadratic.
+    """
+
+    layout = "tokens"
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        group_size: int = 49,
+        overlap: int = 20,
+        qkv_bias: bool = True,
+        scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        pair_batch: bool = False,
+        iters: int = 2,
+        temperature: float = 100.0,
+    ) -> None:
+        super().__init__()
+        name = "fsla"
+        check_divisible(name, dim, num_heads)
+        check_positive(name, group_size=group_size, temperature=temperature)
+        check_probability(name, attn_drop=attn_drop, proj_drop=proj_drop)
+        if not 0 <= overlap <= group_size:
+            raise ValueError(f"{name}: overlap must be in [0, group_size={group_size}], got {overlap}")
+        if iters < 0:
+            raise ValueError(f"{name}: iters must be >= 0, got {iters}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.group_size, self.overlap = group_size, overlap
+        self.scale = self.head_dim**-0.5 if scale is None else float(scale)
+        self.pair_batch, self.iters, self.temperature = pair_batch, iters, temperature
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.get_v = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, group_size={self.group_size}, "
+                f"overlap={self.overlap}, scale={self.scale:.4g}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x, self.dim)
+        B, H, W, C = x.shape
+        N, h, g, o = H * W, self.num_heads, self.group_size, self.overlap
+        lone = N <= g
+        if self.pair_batch and lone and B % 2:
+            raise ValueError(
+                f"fsla: pair_batch=True pairs the images of a batch when a map has one group "
+                f"(N={N} <= group_size={g}); it needs an even batch, got shape {tuple(x.shape)}"
+            )
+        dh = self.head_dim
+        qkv = self.qkv(x.reshape(B, N, C))  # (B, N, 3C), channels laid out (3, h, dh)
+        rows = qkv.view(B * N * 3 * h, dh)  # one row per (sample, token, q|k|v, head)
+        q = qkv.view(B, N, 3, h, dh)[:, :, 0].transpose(1, 2)  # (B, h, N, dh)
+        perm = balanced_binary_clustering(q, g, iters=self.iters, temperature=self.temperature)
+
+        positions, valid = fsla_key_positions(N, g, o, device=x.device)  # (nG, g+o)
+        nG, slots = positions.shape[0], perm.shape[-1]
+        # slot -> token; padding slots point at token N-1 and are masked (or discarded)
+        q_tok = perm[..., : nG * g].clamp(max=N - 1)
+        k_tok = perm[..., positions.clamp(max=slots - 1).flatten()].clamp(max=N - 1)
+        sample = torch.arange(B, device=x.device).view(B, 1, 1)
+        head = torch.arange(h, device=x.device).view(1, h, 1)
+
+        def rows_of(tok: Tensor, which: int) -> Tensor:
+            return (((sample * N + tok) * 3 + which) * h + head).flatten()
+
+        # one gather for q, k and v together, so the backward scatters into one buffer
+        sizes = (B * h * nG * g, B * h * nG * (g + o), B * h * nG * (g + o))
+        picked = rows.index_select(0, torch.cat([rows_of(q_tok, 0), rows_of(k_tok, 1),
+                                                 rows_of(k_tok, 2)]))
+        qg, kg, vg = picked.split(sizes)
+        qg = qg.view(B, h * nG, g, dh)
+        kg, vg = kg.view(B, h * nG, g + o, dh), vg.view(B, h * nG, g + o, dh)
+        mask = None
+        if self.pair_batch and lone and o > 0:
+            kg, vg = self._pair_images(kg, vg)
+        elif N % g or (nG % 2 and o):  # a partial leaf or a leaf without sibling
+            mask = valid.repeat(h, 1)[None, :, None, :]  # (1, h*nG, 1, g+o)
+
+        p = self.attn_drop if self.training else 0.0
+        if self.use_fused:
+            out = attention(qg, kg, vg, mask, scale=self.scale, dropout_p=p)
+        else:
+            out, weights = attention(qg, kg, vg, mask, scale=self.scale, dropout_p=p,
+                                     fused=False, return_weights=True)
+            self.record(weights.view(B, h, nG, g, g + o))
+
+        inv = inverse_permutation(perm)[..., :N]  # (B, h, N): each token's slot
+        if not self.use_fused:
+            self.record((inv // g).view(B, h, H, W))
+        # back to token order, rows laid out (sample, token, head) so heads concatenate
+        index = ((sample * h + head) * (nG * g) + inv).transpose(1, 2)
+        out = out.reshape(B * h * nG * g, dh).index_select(0, index.flatten()).view(B, N, C)
+        # the reference adds a depthwise 3x3 conv of the values, in image layout
+        v_img = qkv.view(B, H, W, 3, C)[:, :, :, 2].contiguous().permute(0, 3, 1, 2)
+        local = self.get_v(v_img).permute(0, 2, 3, 1).reshape(B, N, C)
+        out = self.proj_drop(self.proj(out + local))
+        return out.view(B, H, W, C)
+
+    def _pair_images(self, kg: Tensor, vg: Tensor) -> tuple[Tensor, Tensor]:
+        # reference quirk: image 2i reads the first `o` keys of image 2i+1, image 2i+1 the
+        # last `o` of image 2i (their single leaves treated as siblings)
+        g, o = self.group_size, self.overlap
+
+        def pair(t: Tensor) -> Tensor:
+            own = t[:, :, :g]  # (B, h, g, dh)
+            partner = own.unflatten(0, (-1, 2)).flip(1).flatten(0, 1)
+            even = torch.arange(t.shape[0], device=t.device) % 2 == 0
+            extra = torch.where(even[:, None, None, None], partner[:, :, :o], partner[:, :, g - o:])
+            return torch.cat([own, extra], dim=2)
+
+        return pair(kg), pair(vg)
+
+    @classmethod
+    def example(cls, name: str, batch: int, channels: int, size: tuple[int, int], **kwargs: Any):
+        """Maps of fewer than ``4 * 49`` tokens get groups of ``max(2, N // 4)`` tokens
+        (overlap half a group), so even a small example is split into several leaves."""
+        N = size[0] * size[1]
+        if N < 4 * 49:
+            kwargs.setdefault("group_size", max(2, N // 4))
+            kwargs.setdefault("overlap", kwargs["group_size"] // 2)
+        return super().example(name, batch, channels, size, **kwargs)
+
+    @classmethod
+    def spatial_map(cls, weights: Tensor, size: tuple[int, int]) -> Tensor:
+        """The ``(B, heads, H, W)`` leaf record -> head 0's leaf index per token (a
+        segmentation of the map into feature-space groups)."""
+        H, W = size
+        if weights.dim() == 4 and tuple(weights.shape[-2:]) == (H, W):
+            return weights[:, 0].float()
+        raise ValueError(
+            f"{cls.__name__}: expected a (B, heads, {H}, {W}) leaf record, got "
+            f"{tuple(weights.shape)}"
+        )
