@@ -114,3 +114,20 @@ def test_relative_position_bias_gather_and_grad():
     assert bias.shape == (3, 9, 9)
     torch.testing.assert_close(bias[1, 4, 4], table[12, 1])  # zero offset is the centre row
     torch.autograd.gradcheck(lambda t: relative_position_bias(t, idx), (table,))
+
+
+@pytest.mark.parametrize(
+    "H,W,M,s", [(9, 13, 4, 2), (7, 7, 7, 0), (14, 14, 7, 3), (5, 3, 7, 0), (57, 45, 7, 3)]
+)
+def test_window_token_index_is_pad_shift_partition(H, W, M, s):
+    from spatial_attention.functional.windows import window_token_index
+
+    x = torch.randn(2, H, W, 3)
+    gather, scatter = window_token_index(H, W, M, s)
+    padded, _ = pad_to_multiple(x, M)
+    expected = window_partition(cyclic_shift(padded, s), M).reshape(2, -1, 3)
+    real, _ = pad_to_multiple(torch.ones(1, H, W, 1), M)
+    real = window_partition(cyclic_shift(real, s), M).reshape(-1) > 0
+    got = x.flatten(1, 2)[:, gather]
+    assert torch.equal(got[:, real], expected[:, real])  # padded slots are masked, not zero
+    assert torch.equal(got[:, scatter], x.flatten(1, 2))  # the scatter undoes it and crops
