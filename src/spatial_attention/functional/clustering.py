@@ -18,11 +18,11 @@ a permutation of the tokens; nothing here is differentiated (callers gather with
 
 Any ``N``: the sequence is padded with zero vectors to ``g * 2^L`` slots, ``L =
 ceil(log2(ceil(N / g)))``. Padding never moves a real token: zero vectors add nothing
-to a centroid sum, and padding slots get ``r = +inf`` (real tokens are capped below it) so the sort keeps them
-at the end of their cluster. By induction every padding slot ends in the last ``Np - N``
-positions of the final order, so the first ``ceil(N / g)`` leaves hold all real tokens
-and only the last of them can be partial. For ``N = g * 2^L`` this is exactly the
-reference's grouping.
+to a centroid sum, and padding slots get ``r = +inf`` (real tokens are capped below it),
+so the sort keeps them at the end of their cluster. By induction every padding slot
+ends in the last ``Np - N`` positions of the final order, so the first ``ceil(N / g)``
+leaves hold all real tokens and only the last of them can be partial. For ``N = g * 2^L``
+this is exactly the reference's grouping.
 
 Cost per level: ``O(M N d)`` for the scores and centroids plus one sort of ``N`` keys
 split into ``2^level`` segments, batched over every ``(batch, head)`` pair and every

@@ -15,11 +15,9 @@ but similar patches interact at window cost.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_divisible, check_positive, check_probability
@@ -27,6 +25,7 @@ from ..functional.clustering import balanced_binary_clustering, inverse_permutat
 from ..functional.scoring import attention
 from ..registry import register
 from .base import AttentionModule
+from .window import WindowAttention
 
 __all__ = ["FeatureSpaceLocalAttention", "BilateralLocalAttention", "fsla_key_positions"]
 
@@ -131,7 +130,9 @@ class FeatureSpaceLocalAttention(AttentionModule):
         check_positive(name, group_size=group_size, temperature=temperature)
         check_probability(name, attn_drop=attn_drop, proj_drop=proj_drop)
         if not 0 <= overlap <= group_size:
-            raise ValueError(f"{name}: overlap must be in [0, group_size={group_size}], got {overlap}")
+            raise ValueError(
+                f"{name}: overlap must be in [0, group_size={group_size}], got {overlap}"
+            )
         if iters < 0:
             raise ValueError(f"{name}: iters must be >= 0, got {iters}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
@@ -243,3 +244,72 @@ class FeatureSpaceLocalAttention(AttentionModule):
             f"{cls.__name__}: expected a (B, heads, {H}, {W}) leaf record, got "
             f"{tuple(weights.shape)}"
         )
+
+
+@register(
+    "bilateral_local_attention",
+    family="token_feature_space",
+    layout="tokens",
+    paper="Yu et al., BOAT: Bilateral Local Attention Vision Transformer (BMVC, Sec. 3.3, "
+    "image-space window attention followed by feature-space local attention)",
+    year=2022,
+    cost="16·B·N·C² (two qkv, two proj) + 4·B·N·(M² + g + o)·C (window and grouped "
+    "attention) + FSLA's convolution and clustering",
+    captures="the window attention's (B, nW, heads, M², M²) weights; FSLA's weights and "
+    "the (B, heads, H, W) leaves",
+)
+class BilateralLocalAttention(AttentionModule):
+    """BOAT's bilateral local attention (Yu et al. BMVC 2022, Sec. 3.3): ISLA then FSLA.
+
+    ``x = x + ISLA(norm1(x))``, then ``x = x + FSLA(norm4(x))``: Swin's (shifted) window
+    attention in image space (:class:`~spatial_attention.layers.window.WindowAttention`,
+    ``attn``) and feature-space local attention (:class:`FeatureSpaceLocalAttention`,
+    ``attnC``), each pre-normed and residual, as in the attention half of a BOAT-Swin
+    shifted block. Submodule names follow the reference (``norm1``, ``attn``, ``norm4``,
+    ``attnC``), so a BOAT-Swin block's weights load after dropping its MLP keys.
+    The MLP half of the block is the model's (``models.boat``).
+
+    Shapes: ``(B, H, W, C) -> (B, H, W, C)``, any ``H, W``. Cost: the sum of the two
+    branches, linear in ``N = H·W``. Records whatever its two branches record.
+    """
+
+    layout = "tokens"
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int = 7,
+        shift_size: int = 0,
+        group_size: int = 49,
+        overlap: int = 20,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_divisible("bilateral_local_attention", dim, num_heads)
+        self.dim = dim
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size=window_size,
+                                    shift_size=shift_size, qkv_bias=qkv_bias,
+                                    attn_drop=attn_drop, proj_drop=proj_drop)
+        self.norm4 = nn.LayerNorm(dim)
+        self.attnC = FeatureSpaceLocalAttention(dim, num_heads, group_size=group_size,
+                                                overlap=overlap, qkv_bias=qkv_bias,
+                                                attn_drop=attn_drop, proj_drop=proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x, self.dim)
+        x = x + self.attn(self.norm1(x))
+        return x + self.attnC(self.norm4(x))
+
+    @classmethod
+    def example(cls, name: str, batch: int, channels: int, size: tuple[int, int], **kwargs: Any):
+        """Small maps get windows of 2 and groups of ``max(2, N // 4)`` (see ``fsla``)."""
+        N = size[0] * size[1]
+        if N < 4 * 49:
+            kwargs.setdefault("window_size", 2)
+            kwargs.setdefault("group_size", max(2, N // 4))
+            kwargs.setdefault("overlap", kwargs["group_size"] // 2)
+        return super().example(name, batch, channels, size, **kwargs)
