@@ -30,6 +30,9 @@ need not divide the patch (zero padding on the bottom/right).
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -43,6 +46,8 @@ from . import register_model
 __all__ = [
     "EncoderLayer",
     "SortOfClevrTransformer",
+    "convert_reference_state_dict",
+    "load_reference_weights",
     "sinusoid_code",
     "vanilla_transformer",
     "workspace_transformer",
@@ -197,4 +202,77 @@ def vanilla_transformer(**kwargs: Any) -> SortOfClevrTransformer:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# reference name inside ``relational_memory`` -> ours inside the workspace
+_MEMORY_KEYS = {
+    "input_gate_projector.w": "input_gate_weight",
+    "input_gate_projector.linear.weight": "input_gate_projector.weight",
+    "input_gate_projector.linear.bias": "input_gate_projector.bias",
+    "memory_gate_projector.weight": "memory_gate_weight",
+    "memory_gate_projector.bias": "memory_gate_bias",
+}
+# parts of the reference that hold weights its forward never uses
+_UNUSED = re.compile(
+    r"^net\.(pe|pe_state)\.|\.self_attn\.mem_att\.|\.relational_memory\.input_gate_projector\.pe\."
+)
+
+
+def convert_reference_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict of the authors' Sort-of-CLEVR ``Transformer`` in our names and layout.
+
+    Handles both their shared layer (``net.enc.*`` -> ``layers.0.*``) and separate layers
+    (``net.layers.i.*``), the workspace (``self_attn.relational_memory.*``; its four
+    ``attention_mlp`` entries are one shared linear map and must be equal) and the
+    baseline's grouped linear projections (``(1, in, out)`` weights, transposed). Weights
+    the reference builds but never uses (the position code's unused scale, ``mem_att``)
+    are dropped; anything unknown is kept, so loading reports it by name.
+    """
+    out: dict[str, Tensor] = {}
+    mlp: dict[str, list[tuple[str, Tensor]]] = {}
+    for key, value in state.items():
+        if _UNUSED.search(key):
+            continue
+        new = re.sub(r"^net\.enc\.", "layers.0.", key)
+        new = re.sub(r"^net\.layers\.", "layers.", new)
+        if ".self_attn.relational_memory." in new:
+            head, tail = new.split(".relational_memory.", 1)
+            match = re.fullmatch(r"attention_mlp\.\d+\.(weight|bias)", tail)
+            if match:
+                mlp.setdefault(f"{head}.attention_mlp.{match.group(1)}", []).append((key, value))
+                continue
+            new = f"{head}.{_MEMORY_KEYS.get(tail, tail)}"
+        elif re.search(r"\.self_attn\.(q|k|v|out)_proj\.(weight|bias)$", new) and (
+            value.dim() == (3 if new.endswith("weight") else 2) and value.shape[0] == 1
+        ):
+            value = value[0].t() if new.endswith("weight") else value[0]
+        out[new] = value
+    for new, copies in mlp.items():
+        first_key, first = copies[0]
+        for key, value in copies[1:]:
+            if value.shape != first.shape or not torch.equal(value, first):
+                raise ValueError(
+                    f"convert_reference_state_dict: {key} differs from {first_key}; the "
+                    "reference applies one shared linear map, so its copies must be equal"
+                )
+        out[new] = first
+    return out
+
+
+def load_reference_weights(model: SortOfClevrTransformer, path: str | os.PathLike) -> None:
+    """Load a ``state_dict`` saved by the authors' ``main.py`` (``torch.save``) into ``model``.
+
+    Read with ``torch.load(weights_only=True)`` (no pickle code runs), converted with
+    :func:`convert_reference_state_dict` and checked: missing, unexpected and mis-shaped
+    keys are reported by name (a ``UsageError``, a ``ValueError``).
+    """
+    from ..checkpoint import check_state_dict
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"load_reference_weights: {path} holds a {type(state).__name__}, "
+                         "not a state dict")
+    converted = convert_reference_state_dict(state)
+    check_state_dict(model.state_dict(), converted, source=str(path))
+    model.load_state_dict(converted)
 
