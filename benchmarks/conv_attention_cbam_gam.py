@@ -29,7 +29,6 @@ import importlib
 import importlib.util
 import statistics
 import sys
-import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -38,24 +37,14 @@ import torch
 import torch.nn.functional as F
 
 import spatial_attention as sa
+from spatial_attention.bench import interleaved_times
 
 Case = Callable[[], object]
 
 
-# -- timing ----------------------------------------------------------------------------
+# -- timing: round-robin, see spatial_attention.bench.interleaved_times ------------
 def interleaved(cases: dict[str, Case], repeats: int, warmup: int = 2) -> dict[str, list]:
-    """Seconds per call of every case, measured round-robin (rotating the order)."""
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
-    names = list(cases)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for n in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            cases[n]()
-            times[n].append(time.perf_counter() - start)
-    return times
+    return interleaved_times(cases, repeats, warmup)
 
 
 def forward_case(module, x) -> Case:

@@ -245,6 +245,38 @@ def _timed_median_ms(
     return statistics.median(times) * 1e3
 
 
+def interleaved_times(
+    cases: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 2,
+    device: torch.device | str = "cpu",
+) -> dict[str, list[float]]:
+    """Seconds per call of every case, measured round-robin with a rotating order.
+
+    For side-by-side comparisons on a shared machine: a noisy neighbour slows every
+    case of a round alike, so medians and minima stay comparable.
+    """
+    device = torch.device(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    names = list(cases)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            cases[n]()
+            sync()
+            times[n].append(time.perf_counter() - start)
+    return times
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else ""

@@ -167,6 +167,8 @@ def attention(
     if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
         mask = mask.to(query.dtype)
     if fused and not return_weights:
+        if _learned_bias_on_cpu(query, mask):
+            return _lean_biased_attention(query, key, value, mask, scale, dropout_p)
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale
         )
@@ -180,6 +182,41 @@ def attention(
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     out = dropped @ value
     return (out, weights) if return_weights else out
+
+
+def _learned_bias_on_cpu(query: Tensor, mask: Tensor | None) -> bool:
+    """True where SDPA would fall back to its math path anyway: a float mask that needs a
+    gradient (a learned position bias) on CPU, whose fused kernel has no mask gradient.
+    Rank-5 inputs (windows x batch) never reach the CPU fused kernel either."""
+    return (
+        mask is not None
+        and mask.dtype != torch.bool
+        and query.device.type == "cpu"
+        and (mask.requires_grad or query.dim() != 4)
+        and torch.is_grad_enabled()
+    )
+
+
+def _lean_biased_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float | None, dropout_p: float
+) -> Tensor:
+    """``softmax(q k^T * scale + mask) v`` in four kernels, the mask added in place.
+
+    PyTorch's math fallback scales q and k separately and checks every row for
+    all-``-inf`` masks; this sequence skips both (our masks are finite, see
+    :func:`additive_mask`), and measured faster forward+backward for Swin's windows on
+    CPU (benchmarks/token_attention.md). Same values as the explicit path.
+    """
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = (query * scale) @ key.transpose(-2, -1)
+    if torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape:
+        scores = scores.add_(mask)  # matmul's output is not saved for backward
+    else:
+        scores = scores + mask
+    weights = scores.softmax(-1)
+    if dropout_p > 0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ value
 
 
 def additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_divisible, check_positive, check_probability
@@ -94,11 +93,13 @@ class WindowAttention(AttentionModule):
     by the model loaders.
 
     Fast path: pad, shift and partition are one ``index_select`` of the tokens (and one
-    back, which also crops); every window of the batch goes through one
-    ``F.scaled_dot_product_attention`` call with the bias, shift mask and padding mask
-    summed into one float mask of shape ``(nW, heads, N, N)``, broadcast over the batch
-    (never repeated per image on CPU). Explicit path: the same scores written out, with
-    the weights recorded for capture.
+    back, which also crops); every window of the batch goes through one attention call
+    (``functional.attention``) with the bias, shift mask and padding mask summed into
+    one float mask of shape ``(nW, heads, N, N)``, broadcast over the batch (never
+    repeated per image on CPU). Inference and CUDA use ``F.scaled_dot_product_attention``;
+    CPU training, where the fused kernel has no gradient for the learned bias, uses the
+    lean four-kernel sequence of ``functional.scoring``. Explicit path: the same scores
+    written out, with the weights recorded for capture.
 
     Cost: ``2·B·N·C·4C`` (projections) ``+ 4·B·N·M²·C`` (scores and weighting), linear in
     the number of tokens ``N = H·W``.
@@ -236,7 +237,7 @@ def _tracing() -> bool:
 def _window_sdpa(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float
 ) -> Tensor:
-    """One SDPA call over all windows of ``(B, nW, heads, N, d)`` inputs.
+    """One attention call over all windows of ``(B, nW, heads, N, d)`` inputs.
 
     A mask shared by every window (bias only) broadcasts as ``(1, heads, N, N)`` over
     ``B * nW`` windows, the 4-D form the fused kernels take. A per-window mask
@@ -246,16 +247,16 @@ def _window_sdpa(
     """
     B, nW, h, N, d = q.shape
     if mask is None or mask.shape[0] == 1:
-        out = F.scaled_dot_product_attention(
-            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
-            attn_mask=mask, dropout_p=dropout_p, scale=scale,
+        out = attention(
+            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask,
+            scale=scale, dropout_p=dropout_p,
         )
         return out.view(B, nW, h, N, d)
     if q.is_cuda:
         full = mask.expand(B, nW, h, N, N).reshape(B * nW, h, N, N)
-        out = F.scaled_dot_product_attention(
-            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
-            attn_mask=full, dropout_p=dropout_p, scale=scale,
+        out = attention(
+            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), full,
+            scale=scale, dropout_p=dropout_p,
         )
         return out.view(B, nW, h, N, d)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return attention(q, k, v, mask, scale=scale, dropout_p=dropout_p)
