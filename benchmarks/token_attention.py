@@ -180,7 +180,7 @@ def run_models(timm, device, repeats, rows, sizes):
             y = torch.randint(0, 1000, (batch,), device=device)
             steps = {k: _train_step(m, x, y) for k, m in impls.items()}
             times = interleaved_times(steps, repeats, warmup=1, device=device)
-            for impl, m in impls.items():
+            for impl in impls:
                 med, mn = _summary(times[impl])
                 rows.append(dict(part="models", case=f"{name}@{size}", shape=f"batch {batch}",
                                  impl=impl, fwd_bwd_ms=med, fwd_bwd_min_ms=mn,
@@ -196,7 +196,7 @@ def run_scaling(device, repeats, rows):
         bwd = {k: _fwd_bwd(m, x) for k, m in impls.items()}
         times = interleaved_times(bwd, repeats, device=device)
         for impl, m in impls.items():
-            flops, _ = count_flops(lambda m=m: m(x.requires_grad_()).sum().backward())
+            flops, _ = count_flops(lambda m=m, x=x: m(x.requires_grad_()).sum().backward())
             med, mn = _summary(times[impl])
             rows.append(dict(part="scaling", case=f"{side}x{side}", shape=f"{side * side} tokens",
                              impl=impl, fwd_bwd_ms=med, fwd_bwd_min_ms=mn,
