@@ -316,8 +316,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "threads": None,
     "progress": None,
     "out": None,
+    "stop_at_step": None,
 }
-_TRAIN_FREE = {"progress", "out", "device", "threads", "steps", "eval_every"}
+_TRAIN_FREE = {"progress", "out", "device", "threads", "eval_every", "stop_at_step"}
 _CSV_FIELDS = ["step", "lr", "train_loss", "val_psnr", "val_ssim", "noisy_psnr",
                "steps_per_s", "elapsed_s"]
 
@@ -422,7 +423,8 @@ def train_denoiser(cfg: dict[str, Any], resume: str | os.PathLike | None = None,
         if changed:
             raise UsageError(f"--resume: {', '.join(changed)} differ from the saved run; "
                              "resume with the same settings")
-        cfg = {**saved, **{k: cfg[k] for k in _TRAIN_FREE if cfg.get(k) is not None}}
+        # settings that do not change the result come from this call, not the saved run
+        cfg = {**saved, **{k: cfg.get(k, TRAIN_DEFAULTS[k]) for k in _TRAIN_FREE}}
     cfg = {**TRAIN_DEFAULTS, **cfg}
     _check_cfg(cfg)
     if cfg["threads"]:
@@ -496,7 +498,8 @@ def train_denoiser(cfg: dict[str, Any], resume: str | os.PathLike | None = None,
         bar.update(1)
         if progress:
             bar.set_postfix(loss=f"{float(loss):.4f}")
-        if step % cfg["eval_every"] == 0 or step == total:
+        stopping = cfg["stop_at_step"] is not None and step >= cfg["stop_at_step"]
+        if step % cfg["eval_every"] == 0 or step == total or stopping:
             vp, vs = evaluate()
             now = time.perf_counter()
             row = {
@@ -519,6 +522,9 @@ def train_denoiser(cfg: dict[str, Any], resume: str | os.PathLike | None = None,
             else:
                 log(msg)
             loss_sum, loss_n, t_eval, steps_at_eval = 0.0, 0, now, step
+        if stopping:
+            log(f"stopped at step {step}; continue with --resume {run_dir}")
+            break
     bar.close()
     return run_dir
 
@@ -551,6 +557,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", help="run directory (default runs/denoise-<model>-<noise>)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    parser.add_argument("--stop-at-step", type=int, metavar="N",
+                        help="save a checkpoint and stop after step N (resume later)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction,
                         help="progress bar (default: when stderr is a terminal)")
 
