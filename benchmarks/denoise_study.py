@@ -1,0 +1,285 @@
+"""NBNet study: subspace attention vs the same UNet without it vs classical denoisers.
+
+Three steps, each resumable, results written as they come:
+
+    # 1. train NBNet-small and the same UNet without SSA (Gaussian, blind sigma 15/25/50;
+    #    and Poisson-Gaussian), through the library's train-denoiser pipeline
+    python benchmarks/denoise_study.py train --steps 1500 --noise gaussian
+    python benchmarks/denoise_study.py train --steps 1500 --noise poisson_gaussian
+    # 2. PSNR / SSIM / seconds per megapixel on the held-out built-in images
+    python benchmarks/denoise_study.py eval --crop 256
+    # 3. megapixels per second of tiled inference (full NBNet and NBNet-small)
+    python benchmarks/denoise_study.py throughput --threads 1 2
+
+Held-out images: ``camera`` and ``grace_hopper`` (never trained on; see
+``spatial_attention.denoise.TEST_IMAGES``), centre-cropped to ``--crop`` (0: whole
+image). Classical denoisers get the true Gaussian sigma (an oracle the networks do not
+have: they are blind) and, for Poisson-Gaussian noise, scikit-image's ``estimate_sigma``.
+The full run (official patch 128, batch 32, more steps, a GPU) is the same command with
+``--patch 128 --batch 32 --steps 100000 --device cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spatial_attention.denoise import (
+    add_noise,
+    build_denoiser,
+    denoise_tiled,
+    load_clean_images,
+    psnr,
+    ssim,
+    train_denoiser,
+)
+from spatial_attention.models.nbnet import load_pretrained
+
+VARIANTS = {"nbnet_small": {"ssa": True}, "unet_small": {"ssa": False}}
+NOISES = {
+    "gaussian15": ("gaussian", 15.0),
+    "gaussian25": ("gaussian", 25.0),
+    "gaussian50": ("gaussian", 50.0),
+    "poisson_gaussian": ("poisson_gaussian", None),
+}
+SHOT, READ = 0.01, 0.02
+CLASSICAL = ("nl_means", "wavelet", "tv_chambolle", "bm3d")
+
+
+def run_dir(root: Path, variant: str, noise: str) -> Path:
+    return root / f"{variant}-{noise}"
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    for variant in args.variants:
+        cfg = {
+            "model": "nbnet_small", "model_args": VARIANTS[variant], "noise": args.noise,
+            "steps": args.steps, "batch": args.batch, "patch": args.patch,
+            "eval_every": args.eval_every, "threads": args.threads, "device": args.device,
+            "seed": args.seed, "progress": False, "shot": SHOT, "read": READ,
+            "out": str(run_dir(args.runs, variant, args.noise)),
+        }
+        out = Path(cfg["out"])
+        resume = out if (out / "checkpoint").is_dir() else None
+        train_denoiser(cfg, resume=resume)
+
+
+# -- evaluation -------------------------------------------------------------------------
+
+
+def classical(method: str, noisy: np.ndarray, sigma: float) -> np.ndarray:
+    """One classical denoiser on ``(H, W, 3)`` float in [0, 1] with noise std ``sigma``."""
+    from skimage import restoration as R
+
+    if method == "nl_means":  # scikit-image's recommended h = 0.8 sigma in fast mode
+        return R.denoise_nl_means(noisy, h=0.8 * sigma, sigma=sigma, patch_size=5,
+                                  patch_distance=6, fast_mode=True, channel_axis=-1)
+    if method == "wavelet":
+        return R.denoise_wavelet(noisy, sigma=sigma, method="BayesShrink", mode="soft",
+                                 convert2ycbcr=True, rescale_sigma=True, channel_axis=-1)
+    if method == "tv_chambolle":  # weight = sigma: 0.1 (the default) at sigma 25
+        return R.denoise_tv_chambolle(noisy, weight=sigma, channel_axis=-1)
+    if method == "bm3d":
+        import bm3d
+
+        return bm3d.bm3d_rgb(noisy, sigma_psd=sigma)
+    raise ValueError(method)
+
+
+def _crop(img: torch.Tensor, size: int) -> torch.Tensor:
+    if not size:
+        return img
+    H, W = img.shape[-2:]
+    s = min(size, H, W)
+    y, x = (H - s) // 2, (W - s) // 2
+    return img[:, y:y + s, x:x + s]
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from skimage.restoration import estimate_sigma
+
+    torch.set_num_threads(args.threads)
+    images = [_crop(im, args.crop) for im in load_clean_images("builtin", "test")]
+    names = ["camera", "grace_hopper"][: len(images)]
+    out_csv = args.out / "results.csv"
+    args.out.mkdir(parents=True, exist_ok=True)
+    fields = ["noise", "image", "method", "psnr", "ssim", "seconds", "megapixels"]
+    done = set()
+    if out_csv.is_file() and not args.fresh:
+        with out_csv.open(newline="") as f:
+            done = {(r["noise"], r["image"], r["method"]) for r in csv.DictReader(f)}
+    else:
+        with out_csv.open("w", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writeheader()
+
+    def write(row: dict) -> None:
+        with out_csv.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writerow(row)
+        print(",".join(str(row[k]) for k in fields), flush=True)
+
+    for noise_name, (model, sigma) in NOISES.items():
+        if args.noises and noise_name not in args.noises:
+            continue
+        train_noise = "gaussian" if model == "gaussian" else "poisson_gaussian"
+        nets = {}
+        for variant in VARIANTS:
+            rd = run_dir(args.runs, variant, train_noise)
+            if (rd / "checkpoint" / "model.safetensors").is_file():
+                net = build_denoiser("nbnet_small", VARIANTS[variant])
+                nets[variant] = load_pretrained(net, rd / "checkpoint" / "model.safetensors")
+                nets[variant].eval()
+        for name, clean in zip(names, images, strict=True):
+            g = torch.Generator().manual_seed(2021)
+            noisy = add_noise(clean[None], model, sigma or 0.0, shot=SHOT, read=READ,
+                              generator=g)[0]
+            mp = clean.shape[-1] * clean.shape[-2] / 1e6
+            ref = clean[None]
+
+            def score(method: str, result: torch.Tensor, seconds: float,
+                      noise_name=noise_name, name=name, ref=ref, mp=mp) -> None:
+                result = result.clamp(0, 1)[None].float()
+                write({"noise": noise_name, "image": name, "method": method,
+                       "psnr": f"{float(psnr(result, ref)):.3f}",
+                       "ssim": f"{float(ssim(result, ref)):.4f}",
+                       "seconds": f"{seconds:.3f}", "megapixels": f"{mp:.4f}"})
+
+            if (noise_name, name, "noisy") not in done:
+                score("noisy", noisy, 0.0)
+            for variant, net in nets.items():
+                if (noise_name, name, variant) in done:
+                    continue
+                t0 = time.perf_counter()
+                result = denoise_tiled(net, noisy, tile=args.tile, overlap=32)
+                score(variant, result, time.perf_counter() - t0)
+            arr = noisy.permute(1, 2, 0).double().numpy()
+            est = sigma / 255.0 if sigma else float(
+                estimate_sigma(arr, channel_axis=-1, average_sigmas=True))
+            for method in args.classical:
+                if (noise_name, name, method) in done:
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    den = classical(method, arr, est)
+                    dt = time.perf_counter() - t0
+                except ImportError as exc:
+                    print(f"skipping {method}: {exc}", file=sys.stderr)
+                    continue
+                score(method, torch.from_numpy(np.asarray(den)).permute(2, 0, 1), dt)
+    summarise(out_csv)
+
+
+def summarise(path: Path) -> None:
+    """Markdown: mean PSNR / SSIM per method and noise, and median seconds per megapixel."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    noises = [n for n in NOISES if any(r["noise"] == n for r in rows)]
+    methods = []
+    for r in rows:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    head = "| method | " + " | ".join(f"{n} PSNR / SSIM" for n in noises) + " | s / MP |"
+    print(head)
+    print("|---" * (len(noises) + 2) + "|")
+    for m in methods:
+        cells = []
+        for n in noises:
+            sel = [r for r in rows if r["method"] == m and r["noise"] == n]
+            if sel:
+                p = statistics.mean(float(r["psnr"]) for r in sel)
+                s = statistics.mean(float(r["ssim"]) for r in sel)
+                cells.append(f"{p:.2f} / {s:.3f}")
+            else:
+                cells.append("")
+        spm = [float(r["seconds"]) / float(r["megapixels"]) for r in rows if r["method"] == m]
+        cost = f"{statistics.median(spm):.2f}" if m != "noisy" else ""
+        print(f"| {m} | " + " | ".join(cells) + f" | {cost} |")
+
+
+# -- throughput ---------------------------------------------------------------------------
+
+
+def cmd_throughput(args: argparse.Namespace) -> None:
+    image = load_clean_images("builtin", "test")[0][:, :args.size, :args.size]
+    mp = image.shape[-1] * image.shape[-2] / 1e6
+    print(f"| model | threads | tile | channels_last | dtype | MP/s (median of {args.repeat}) |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models:
+        torch.manual_seed(0)
+        net = build_denoiser(name).eval().to(args.device)
+        x = image.to(args.device)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for cl in (False, True):
+                model = net.to(memory_format=torch.channels_last) if cl else net
+                for dtype in args.dtypes:
+                    dt = {"float32": None, "bfloat16": torch.bfloat16}[dtype]
+
+                    def once(model=model, dt=dt, x=x):
+                        if args.device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        denoise_tiled(model, x, tile=args.tile, overlap=32, batch=1,
+                                      dtype=dt)
+                        if args.device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                        return time.perf_counter() - t0
+
+                    once()  # warm-up
+                    t = statistics.median(once() for _ in range(args.repeat))
+                    print(f"| {name} | {threads} | {args.tile} | {cl} | {dtype} | "
+                          f"{mp / t:.4f} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    t.add_argument("--noise", default="gaussian", choices=["gaussian", "poisson_gaussian"])
+    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--patch", type=int, default=64)
+    t.add_argument("--eval-every", type=int, default=250)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("eval")
+    e.add_argument("--crop", type=int, default=256, help="centre crop side (0: whole)")
+    e.add_argument("--tile", type=int, default=256)
+    e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--classical", nargs="*", default=list(CLASSICAL), choices=CLASSICAL)
+    e.add_argument("--noises", nargs="*", choices=list(NOISES))
+    e.add_argument("--out", type=Path, default=Path("benchmarks/denoise_study"))
+    e.add_argument("--fresh", action="store_true", help="start results.csv anew")
+    s = sub.add_parser("summary")
+    s.add_argument("--out", type=Path, default=Path("benchmarks/denoise_study"))
+    h = sub.add_parser("throughput")
+    h.add_argument("--models", nargs="+", default=["nbnet", "nbnet_small"])
+    h.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    h.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    h.add_argument("--size", type=int, default=512)
+    h.add_argument("--tile", type=int, default=256)
+    h.add_argument("--repeat", type=int, default=3)
+    h.add_argument("--device", default="cpu")
+    for q in (t, e):
+        q.add_argument("--runs", type=Path, default=Path("runs/denoise_study"))
+    args = p.parse_args(argv)
+    if args.cmd == "train":
+        cmd_train(args)
+    elif args.cmd == "eval":
+        cmd_eval(args)
+    elif args.cmd == "summary":
+        summarise(args.out / "results.csv")
+    else:
+        cmd_throughput(args)
+
+
+if __name__ == "__main__":
+    main()
