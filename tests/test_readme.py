@@ -22,3 +22,16 @@ def test_quick_start_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[0], "README quick start", "exec"), {})
     assert (tmp_path / "heads.png").stat().st_size > 0
+
+
+def test_vision_transformer_snippet_runs(tmp_path, monkeypatch):
+    text = ROOT.joinpath("README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+              if 'create_model("swin_tiny")' in b]
+    assert blocks, "README lost its vision-transformer snippet"
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(blocks[0], "README vision transformers", "exec"), scope)
+    assert [tuple(m.shape) for m in scope["maps"]] == [
+        (1, 96, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)
+    ]
