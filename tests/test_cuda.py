@@ -65,3 +65,35 @@ def test_multi_head_backward_cuda_bf16_autocast():
         y = m(x, valid_lens=torch.tensor([196, 100, 50, 1], device="cuda"))
     y.float().sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("shape", [(2, 14, 14), (2, 9, 11)])
+def test_window_attention_cuda_matches_cpu_with_grads(shape):
+    from spatial_attention.layers.window import WindowAttention
+
+    torch.manual_seed(0)
+    attn = WindowAttention(32, 2, window_size=7, shift_size=3)
+    x = torch.randn(*shape, 32)
+    outs = []
+    for device in ("cpu", "cuda"):
+        m = attn.to(device)
+        m.zero_grad(set_to_none=True)
+        xi = x.to(device).requires_grad_()
+        y = m(xi)
+        y.pow(2).sum().backward()
+        outs.append((y.cpu(), xi.grad.cpu(), m.relative_position_bias_table.grad.cpu()))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_swin_and_twins_cuda_match_cpu():
+    from spatial_attention.models import create_model
+
+    for name in ("swin_micro_cifar", "twins_svt_micro_cifar"):
+        torch.manual_seed(0)
+        model = create_model(name).eval()
+        x = torch.randn(2, 3, 37, 45)
+        with torch.no_grad():
+            ref = model(x)
+            got = model.cuda()(x.cuda()).cpu()
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
