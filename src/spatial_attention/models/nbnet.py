@@ -22,8 +22,10 @@ Deviation: :meth:`NBNet.forward` returns the denoised image (``x - noise``), and
 (reflect, or replicate for maps smaller than the pad) to a multiple of ``2**(depth-1)``
 and the result cropped back; the official code requires multiples of 16.
 
-Cost: about 13.3M parameters; 2 * MACs per pixel grows linearly with H * W, plus the
-SSA projections, ``O(N K (K + C))`` each.
+Cost: 13,309,251 parameters (the official configuration); 174 GFLOPs (87 GMACs) for one
+256 x 256 RGB image by ``torch.utils.flop_counter``, linear in H * W (the SSA
+projections add ``O(N K (K + C))`` each). ``nbnet_small``: 0.27M parameters, 8.1
+GFLOPs at 256 x 256.
 
 :func:`convert_megengine_state_dict` maps the official checkpoint's names and shapes to
 this module's (conv biases are ``(1, C, 1, 1)`` in MegEngine; the SSA basis network sits
