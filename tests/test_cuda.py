@@ -97,3 +97,15 @@ def test_swin_and_twins_cuda_match_cpu():
             ref = model(x)
             got = model.cuda()(x.cuda()).cpu()
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_window_attention_flex_path_cuda():
+    from spatial_attention.layers.window import WindowAttention
+
+    torch.manual_seed(0)
+    attn = WindowAttention(64, 2, window_size=7, shift_size=3).cuda().eval()
+    x = torch.randn(2, 30, 23, 64, device="cuda")
+    with torch.no_grad():
+        expected = attn(x)
+        attn.flex = True
+        torch.testing.assert_close(attn(x), expected, atol=1e-4, rtol=1e-4)

@@ -250,3 +250,19 @@ def test_equals_timm_swin_block_attention(shift):
     ours.load_state_dict(block.attn.state_dict(), strict=False)
     x = torch.randn(2, 14, 14, 32)
     torch.testing.assert_close(ours(x), block._attn(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("H,W,M,s", [(8, 8, 4, 0), (9, 10, 4, 2), (7, 5, 3, 1)])
+def test_flex_inference_path_equals_sdpa(H, W, M, s):
+    torch.manual_seed(0)
+    attn = WindowAttention(8, 2, window_size=M, shift_size=s).eval()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    x = torch.randn(2, H, W, 8)
+    with torch.no_grad():
+        expected = attn(x)
+        attn.flex = True
+        torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+        assert attn._block_masks  # the flex path really ran
+    attn.train()  # training (and CPU autograd) stays on the SDPA path
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)

@@ -101,6 +101,11 @@ class WindowAttention(AttentionModule):
     lean four-kernel sequence of ``functional.scoring``. Explicit path: the same scores
     written out, with the weights recorded for capture.
 
+    ``attn.flex = True`` switches inference (eval mode) to FlexAttention: one call per
+    image over all its windows, block mask and bias lookup instead of a materialised
+    mask. Compiled on CUDA; equal to the other paths (tested on CPU through PyTorch's
+    unfused reference). Its speed on a GPU is not measured yet, so it stays opt-in.
+
     Cost: ``2·B·N·C·4C`` (projections) ``+ 4·B·N·M²·C`` (scores and weighting), linear in
     the number of tokens ``N = H·W``.
     """
@@ -150,6 +155,9 @@ class WindowAttention(AttentionModule):
         else:
             self.relative_position_bias_table = None
         self._layouts: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor | None]] = {}
+        #: opt-in FlexAttention inference path (see :func:`_window_flex`)
+        self.flex = False
+        self._block_masks: dict[tuple[Any, ...], Any] = {}
 
     def extra_repr(self) -> str:
         return (
@@ -201,7 +209,11 @@ class WindowAttention(AttentionModule):
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, d)
         mask = self._bias_and_mask(keep, q.dtype)
         p = self.attn_drop if self.training else 0.0
-        if self.use_fused:
+        if self.use_fused and self.flex and not self.training and (
+            x.is_cuda or not torch.is_grad_enabled()  # no FlexAttention backward on CPU
+        ):
+            out = self._flex(q, k, v, keep, (H, W, shift))
+        elif self.use_fused:
             out = _window_sdpa(q, k, v, mask, self.scale, p)
         else:
             out, weights = attention(
@@ -210,6 +222,49 @@ class WindowAttention(AttentionModule):
             self.record(weights)  # (B, nW, heads, N, N)
         out = out.transpose(2, 3).reshape(B, nW * N, C).index_select(1, scatter)
         return self.proj_drop(self.proj(out)).view(B, H, W, C)
+
+    def _flex(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, key: tuple) -> Tensor:
+        """All windows of an image as one FlexAttention call over its ``nW * N`` tokens.
+
+        The block mask keeps a query to its own window (and, shifted or padded, to its
+        region and real keys); the relative position bias is a ``score_mod`` lookup, so
+        no ``(nW, heads, N, N)`` mask is built. Compiled on CUDA; on CPU it runs
+        PyTorch's unfused reference (for checking, not speed).
+        """
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        B, nW, h, N, d = q.shape
+        L = nW * N
+        cache_key = (*key, q.device)
+        block_mask = self._block_masks.get(cache_key)
+        if block_mask is None:
+            def mask_mod(b, head, qi, ki):
+                same = (qi // N) == (ki // N)
+                if keep is None:
+                    return same
+                return same & keep[qi // N, qi % N, ki % N]
+
+            block_mask = create_block_mask(mask_mod, None, None, L, L, device=q.device)
+            if len(self._block_masks) > 16:
+                self._block_masks.clear()
+            self._block_masks[cache_key] = block_mask
+        score_mod = None
+        if self.relative_position_bias_table is not None:
+            bias = relative_position_bias(
+                self.relative_position_bias_table, self.relative_position_index
+            ).to(q.dtype)  # (heads, N, N)
+
+            def score_mod(score, b, head, qi, ki):
+                return score + bias[head, qi % N, ki % N]
+
+        def per_image(t: Tensor) -> Tensor:  # (B, nW, h, N, d) -> (B, h, nW*N, d)
+            return t.permute(0, 2, 1, 3, 4).reshape(B, h, L, d)
+
+        out = _flex_attention(q.device)(
+            per_image(q), per_image(k), per_image(v),
+            score_mod=score_mod, block_mask=block_mask, scale=self.scale,
+        )
+        return out.view(B, h, nW, N, d).transpose(1, 2)
 
     @classmethod
     def spatial_map(cls, weights: Tensor, size: tuple[int, int]) -> Tensor:
@@ -228,6 +283,28 @@ class WindowAttention(AttentionModule):
         nw = nW // nh
         grid = received.view(B, nh, nw, m, m).permute(0, 1, 3, 2, 4).reshape(B, nh * m, nw * m)
         return grid[:, :H, :W]
+
+
+_COMPILED_FLEX: dict[str, Any] = {}
+
+
+def _flex_attention(device: torch.device):
+    """``flex_attention``, compiled once per process on CUDA (its fused kernels come from
+    compilation); eager elsewhere."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        def eager(*args, **kwargs):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "called without torch.compile"
+                return flex_attention(*args, **kwargs)
+
+        return eager
+    if "cuda" not in _COMPILED_FLEX:
+        _COMPILED_FLEX["cuda"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX["cuda"]
 
 
 def _tracing() -> bool:
