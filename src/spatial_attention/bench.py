@@ -315,9 +315,13 @@ def _measure(
     leaves += [x for x in inputs if isinstance(x, Tensor) and x.requires_grad]
     notes: list[str] = []
 
+    # detached copies for the no-grad forward: PyTorch's module tracker (inside the FLOP
+    # counter) fails on views of grad-requiring leaves made under no_grad
+    plain = [x.detach() if isinstance(x, Tensor) else x for x in inputs]
+
     def forward() -> None:
         with torch.no_grad(), autocast():
-            module(*inputs)
+            module(*plain)
 
     def train_step() -> None:
         for t in leaves:

@@ -145,6 +145,14 @@ class GlobalSubsampledAttention(_TokenAttention):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}"
 
+    @classmethod
+    def example(cls, name, batch, channels, size, **kwargs):
+        # Twins' schedule at 224: 56x56 maps reduce by 8, 28 by 4, 14 by 2, 7 by 1
+        side = min(size)
+        sr = 8 if side >= 56 else 4 if side >= 28 else 2 if side >= 14 else 1
+        kwargs.setdefault("sr_ratio", sr)
+        return super().example(name, batch, channels, size, **kwargs)
+
     def _reduce(self, x: Tensor) -> Tensor:
         """``(B, H, W, C)`` -> ``(B, N/sr², C)`` key/value tokens."""
         B, H, W, C = x.shape
