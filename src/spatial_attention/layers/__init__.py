@@ -14,9 +14,11 @@ from .channel import EfficientChannelAttention, SqueezeExcite
 from .cpca import ChannelPriorConvAttention
 from .cpms import ChannelPriorMultiScaleAttention
 from .gam import GAM
-from .position import RelativePositionBias
+from .global_attention import GlobalAttention, GlobalSubsampledAttention
+from .position import PositionEncodingGenerator, RelativePositionBias
 from .scoring import AdditiveAttention, DotProductAttention, MultiHeadAttention
 from .temporal import TemporalAdaptiveModule, TemporalSelfAttention
+from .window import WindowAttention
 
 for _mod in _pkgutil.iter_modules(__path__):
     if not _mod.name.startswith("_"):
@@ -32,11 +34,15 @@ __all__ = [
     "ChannelPriorMultiScaleAttention",
     "DotProductAttention",
     "EfficientChannelAttention",
+    "GlobalAttention",
+    "GlobalSubsampledAttention",
     "MultiHeadAttention",
+    "PositionEncodingGenerator",
     "RelativePositionBias",
     "SelectiveKernel",
     "SpatialGate",
     "SqueezeExcite",
     "TemporalAdaptiveModule",
     "TemporalSelfAttention",
+    "WindowAttention",
 ]
