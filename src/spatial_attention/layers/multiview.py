@@ -175,7 +175,8 @@ class MultiViewWindowAttention(AttentionModule):
         cpb_hidden: int = 512,
     ) -> None:
         super().__init__()
-        name = "multi_view_window_attention"
+        # the registry binds mode="concat" to its own name: errors name that one
+        name = "multi_view_concat_attention" if mode == "concat" else "multi_view_window_attention"
         check_divisible(name, dim, num_heads)
         self.window_size = to_2tuple(window_size)
         check_positive(name, window_size=min(self.window_size), num_views=num_views,
