@@ -22,9 +22,8 @@ model                  C    depths        heads           params (1000 classes)
 =====================  ===  ============  ==============  =========================
 
 (equal to the reference code's counts.) FSLA's group size is the window area (49 for
-window 7, as in the paper); the overlap
-with the sibling group is 20 at that size and scales with it (``round(20 g / 49)``) for
-other windows, e.g. the small CIFAR variant.
+window 7, as in the paper); the overlap with the sibling group is 20 at that size and
+scales with it (``round(20 g / 49)``) for other windows, e.g. the small CIFAR variant.
 """
 
 from __future__ import annotations
