@@ -378,7 +378,7 @@ class MultiViewWindowAttention(AttentionModule):
             q = q * self._tau()
             if self.use_fused:
                 if mask.shape[1] == 1 and mask.shape[2] == 1:
-                    flat = mask[0, 0][None]  # (1, h, N, K): shared by every window
+                    flat = mask[0, 0]  # (1, h, N, K): shared by every view and window
                 else:
                     flat = mask[0].expand(V, nW, *mask.shape[3:]).reshape(V * nW, *mask.shape[3:])
                 out = _window_sdpa(q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2),
