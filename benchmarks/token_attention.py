@@ -184,7 +184,7 @@ def run_models(timm, device, repeats, rows, sizes):
                 med, mn = _summary(times[impl])
                 rows.append(dict(part="models", case=f"{name}@{size}", shape=f"batch {batch}",
                                  impl=impl, fwd_bwd_ms=med, fwd_bwd_min_ms=mn,
-                                 tokens_per_s=batch / (med / 1e3)))
+                                 images_per_s=batch / (med / 1e3)))
                 print(_line(rows[-1]), flush=True)
 
 
