@@ -180,11 +180,12 @@ def run_models(timm, device, repeats, rows, sizes):
             y = torch.randint(0, 1000, (batch,), device=device)
             steps = {k: _train_step(m, x, y) for k, m in impls.items()}
             times = interleaved_times(steps, repeats, warmup=1, device=device)
-            for impl in impls:
+            for impl, m in impls.items():
                 med, mn = _summary(times[impl])
+                mem = peak_memory_bytes(steps[impl], device, list(m.parameters()) + [x])
                 rows.append(dict(part="models", case=f"{name}@{size}", shape=f"batch {batch}",
                                  impl=impl, fwd_bwd_ms=med, fwd_bwd_min_ms=mn,
-                                 images_per_s=batch / (med / 1e3)))
+                                 images_per_s=batch / (med / 1e3), peak_mb=mem / 2**20))
                 print(_line(rows[-1]), flush=True)
 
 
