@@ -447,26 +447,34 @@ def convert_reference_mvswin(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     fixed buffers (``relative_coords_table``, ``relative_position_index*``,
     ``attn_mask``) are computed, not loaded.
     """
-    groups: dict[str, dict[int, Tensor]] = {}
+    if not any(k.startswith(("patch_embed_", "fc_layer_fused.")) for k in state):
+        return dict(state)  # ours already
+    groups: dict[str, dict[int, tuple[str, Tensor]]] = {}
     out: dict[str, Tensor] = {}
     for key, t in state.items():
         if key.split(".")[-1].startswith(_DROPPED):
             continue
         if m := _MV_ATTN.match(key):
             ours = f"{m[1]}.{_ATTN_NAMES[(m[2], m[4])]}"
-            groups.setdefault(ours, {})[int(m[3]) - 1] = t
+            groups.setdefault(ours, {})[int(m[3]) - 1] = (key, t)
         elif m := _SV_ATTN.match(key):
             out[f"{m[1]}.{_ATTN_NAMES[(m[2], m[3])]}"] = t[None]
         elif m := _MV_OTHER.match(key):
-            groups.setdefault(f"{m[1]}{m[3]}", {})[int(m[2]) - 1] = t
+            groups.setdefault(f"{m[1]}{m[3]}", {})[int(m[2]) - 1] = (key, t)
         elif key.startswith("layers_fused.") and ".attn." not in key:
             out[key] = t[None]  # norm1/norm2/mlp/downsample of a single-view stage
         elif key.startswith("fc_layer_fused."):
             out["fusion." + key[len("fc_layer_fused."):]] = t
         else:
             out[key] = t
+    views = max((len(g) for g in groups.values()), default=0)
     for key, per_view in groups.items():
-        ordered = [per_view[v] for v in sorted(per_view)]
+        if sorted(per_view) != list(range(views)):
+            # a view is missing: keep the reference names, so the loader reports the
+            # stacked key as missing and these as unexpected, by name
+            out.update(dict(per_view.values()))
+            continue
+        ordered = [per_view[v][1] for v in range(views)]
         joined = torch.cat(ordered) if key.startswith("patch_embed.proj.") else torch.stack(ordered)
         out[key] = joined
     return out
