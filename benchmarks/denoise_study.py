@@ -129,7 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             continue
         train_noise = "gaussian" if model == "gaussian" else "poisson_gaussian"
         nets = {}
-        for variant in VARIANTS:
+        for variant in args.nets:
             rd = run_dir(args.runs, variant, train_noise)
             if (rd / "checkpoint" / "model.safetensors").is_file():
                 net = build_denoiser("nbnet_small", VARIANTS[variant])
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--tile", type=int, default=256)
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--classical", nargs="*", default=list(CLASSICAL), choices=CLASSICAL)
+    e.add_argument("--nets", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     e.add_argument("--noises", nargs="*", choices=list(NOISES))
     e.add_argument("--out", type=Path, default=Path("benchmarks/denoise_study"))
     e.add_argument("--fresh", action="store_true", help="start results.csv anew")

@@ -88,6 +88,27 @@ def test_tiled_inference_close_to_whole_image_for_a_local_model():
     assert (tiled - whole).abs().mean() < 0.1 * (whole - img).abs().mean() + 1e-4
 
 
+def test_tiled_inference_memory_is_bounded_by_the_tile():
+    from spatial_attention.memory import TensorMemoryTracker
+
+    model = create_model("nbnet_small", depth=2, width=4, skip_mid=4).eval()
+
+    def peak(side):
+        img = torch.rand(3, side, side)
+        with TensorMemoryTracker() as mem:
+            denoise_tiled(model, img, tile=32, overlap=8, batch=1)
+        return mem.peak_bytes
+
+    small, large = peak(64), peak(128)
+    image_buffers = 3 * 4 * (128 * 128 - 64 * 64) * 4  # a few image-sized float32 buffers
+    # 4x the pixels: the peak grows by image-sized buffers only, not by activations
+    assert large - small < image_buffers
+    with TensorMemoryTracker() as mem:
+        with torch.no_grad():
+            model(torch.rand(1, 3, 128, 128))
+    assert large < mem.peak_bytes
+
+
 def test_sample_batch_is_deterministic_and_augmented():
     imgs = [torch.rand(3, 40, 50), torch.rand(3, 33, 33)]
     a = sample_batch(imgs, 6, 32, torch.Generator().manual_seed(3))
