@@ -256,3 +256,18 @@ def test_dynamic_conv_errors():
         sa.create("dynamic_conv", 8, kernel_size=4)
     with pytest.raises(ValueError, match="dynamic_conv: expected 8 channels"):
         sa.create("dynamic_conv", 8)(torch.randn(1, 4, 3, 3))
+
+
+def test_resnet_dcn_replaces_the_first_conv_of_the_last_two_stages():
+    from spatial_attention.layers.deformable import DeformableConv2d
+    from spatial_attention.models import create_model
+
+    net = create_model("resnet18_cifar_dcn", width=8, layers=(1, 1, 1, 1))
+    names = [n for n, m in net.named_modules() if isinstance(m, DeformableConv2d)]
+    assert names == ["layer3.0.conv1", "layer4.0.conv1"]
+    assert net.layer3[0].conv1.stride == (2, 2)
+    assert not net.layer3[0].conv1.conv_offset.weight.any()  # zero offsets at the start
+    out = net(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    assert net.layer3[0].conv1.conv_offset.weight.grad.abs().sum() > 0

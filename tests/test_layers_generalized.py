@@ -254,3 +254,32 @@ def test_spatial_map_of_the_recorded_weights():
     # the attention each key receives, averaged over queries, sums to 1 over the key grid
     torch.testing.assert_close(heat[:, ::2, ::2].sum((1, 2)).double(),
                                torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("attention_type", ["1111", "1100", "1001", "0011"])
+def test_memory_efficient_path_matches_the_reference(attention_type):
+    for kw in (dict(kv_stride=2), dict(q_stride=2, kv_stride=1, spatial_range=1)):
+        m = _build(attention_type, memory_efficient=True, **kw)
+        x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+        expected, _, _ = _reference(m, x)
+        torch.testing.assert_close(m(x), expected)
+    x = torch.randn(1, 8, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(m, (x,), fast_mode=True)
+
+
+def test_resnet_ga_puts_attention_after_the_first_conv_of_the_last_two_stages():
+    from spatial_attention.layers.generalized import GeneralizedAttention
+    from spatial_attention.models import create_model
+
+    net = create_model("resnet18_cifar_ga", width=8, layers=(1, 1, 1, 1), num_heads=2,
+                       attention_type="0101")
+    names = [n for n, m in net.named_modules() if isinstance(m, GeneralizedAttention)]
+    assert names == ["layer3.0.plugin", "layer4.0.plugin"]
+    assert net.layer3[0].plugin.gamma.item() == 0.0  # mmcv's init kept inside the network
+    x = torch.randn(2, 3, 32, 32)
+    with capture_attention(net) as maps:
+        out = net(x)
+    assert out.shape == (2, 10) and set(maps) == set(names)
+    plain = create_model("resnet18_cifar_ga", width=8, layers=(1, 1, 1, 1),
+                         stages=[False] * 4)
+    assert not any(isinstance(m, GeneralizedAttention) for m in plain.modules())

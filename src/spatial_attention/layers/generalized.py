@@ -155,15 +155,22 @@ class GeneralizedAttention(AttentionModule):
     and a local range mmcv applies the window of query ``(0, 0)`` to every query (its
     E3-only shortcut keeps one query row); here each query gets its own window.
 
-    Fast path: no ``Nq x Nk`` energy is formed. E2 and E4 are separable in the x and y
-    offsets, so per query they are a row of ``wk`` numbers plus a column of ``hk``
-    numbers (batched einsums with ``P_x``, ``P_y``); appended to the query vector and
-    matched by one-hot key coordinates appended to the key vector, they turn all four
-    terms into one dot product, and ``F.scaled_dot_product_attention`` (scale 1, the
-    local window as a boolean mask) does the rest. E3 folds into the query as
-    ``q + appr_bias`` (E1 present) or a constant column (E1 absent). Explicit path: each
-    term materialised as its own ``(B, heads, Nq, Nk)`` energy, summed, masked, softmax;
-    capture records the four terms (zeros for terms switched off) and the weights.
+    Fast path. E1 (with E3 folded in as ``q + appr_bias``) is one fused
+    ``F.scaled_dot_product_attention`` call (scale 1, the local window as a boolean
+    mask). E2 and E4 are separable in the x and y offsets, so for each query they are a
+    row of ``wk`` numbers and a column of ``hk`` numbers (batched einsums with ``P_x``,
+    ``P_y``); appended to the query vector and matched by one-hot key coordinates
+    appended to the key vector, they make all four terms one dot product, so one batched
+    GEMM yields the whole energy with no broadcast passes over ``Nq x Nk``. E3 without
+    E1 is folded into the key projection (``appr_bias^T W_k`` gives one number per key
+    and head). E3 alone (global) keeps mmcv's one-row shortcut; E4 alone shares one
+    set of weights across the batch. ``memory_efficient=True`` sends the augmented
+    vectors through fused SDPA as well (zero-padded to one head width, which the CPU
+    flash kernel needs), so no ``Nq x Nk`` tensor is formed; on CPU it measured slower
+    than the GEMM (see benchmarks/generalized_attention.md), hence off by default.
+    Explicit path: each term materialised as its own ``(B, heads, Nq, Nk)`` energy,
+    summed, masked, softmax; capture records the four terms (zeros for terms switched
+    off) and the weights.
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``, any ``H, W``. Cost: see the registry.
     """
@@ -178,6 +185,7 @@ class GeneralizedAttention(AttentionModule):
         kv_stride: int = 2,
         q_stride: int = 1,
         attention_type: str = "1111",
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__()
         e1, e2, e3, e4 = parse_attention_type(attention_type)
@@ -210,6 +218,7 @@ class GeneralizedAttention(AttentionModule):
         self.position_embedding_dim, self.position_magnitude = pos_dim, position_magnitude
         self.attention_type = attention_type
         self.terms = (e1, e2, e3, e4)
+        self.memory_efficient = bool(memory_efficient)
         self.qk_embed_dim = self.v_dim = in_channels // num_heads
         out_c = self.qk_embed_dim * num_heads
 
@@ -269,81 +278,128 @@ class GeneralizedAttention(AttentionModule):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, self.in_channels)
-        e1, e2, e3, e4 = self.terms
-        B, _, H, W = x.shape
-        z = self.num_heads
+        H, W = x.shape[-2:]
         x_q = x[:, :, :: self.q_stride, :: self.q_stride] if self.q_stride > 1 else x
         x_kv = x[:, :, :: self.kv_stride, :: self.kv_stride] if self.kv_stride > 1 else x
-        hq, wq = x_q.shape[-2:]
-        hk, wk = x_kv.shape[-2:]
+        keep = None
+        if self.spatial_range >= 0:
+            keep = local_keep_mask(x_q.shape[-2:], x_kv.shape[-2:], self.spatial_range,
+                                   self.kv_stride, x.device)
+        if self.use_fused:
+            out = self._fast(x_q, x_kv, keep)
+        else:
+            out = self._explicit_heads(x_q, x_kv, keep)
+        out = self.proj_conv(out)  # (B, C, hq, wq), or (B, C, 1, 1): E3 alone, global
+        if self.q_stride > 1 and out.shape[-2:] != (1, 1):
+            out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
+        return torch.addcmul(x, self.gamma, out)  # gamma * out + x
+
+    def _explicit_heads(self, x_q: Tensor, x_kv: Tensor, keep: Tensor | None) -> Tensor:
+        e1, e2, e3, e4 = self.terms
+        B = x_q.shape[0]
+        (hq, wq), (hk, wk) = x_q.shape[-2:], x_kv.shape[-2:]
         q = self._heads(self.query_conv(x_q)) if (e1 or e2) else None  # (B, z, nq, d)
         k = self._heads(self.key_conv(x_kv)) if (e1 or e3) else None  # (B, z, nk, d)
         v = self._heads(self.value_conv(x_kv))  # (B, z, nk, dv)
-        px = py = None
-        if e2 or e4:
-            px, py = self._positions(hq, wq, hk, wk, x)
-        keep = None
-        if self.spatial_range >= 0:
-            keep = local_keep_mask((hq, wq), (hk, wk), self.spatial_range, self.kv_stride,
-                                   x.device)
-        if self.use_fused:
-            out = self._fused(q, k, v, px, py, keep, (B, hq, wq, hk, wk))
-        else:
-            out = self._explicit(q, k, v, px, py, keep, (B, hq, wq, hk, wk))
-        out = out.transpose(-2, -1).reshape(B, z * self.v_dim, hq, wq)
-        out = self.proj_conv(out)
-        if self.q_stride > 1:
-            out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
-        return self.gamma * out + x
+        px, py = self._positions(hq, wq, hk, wk, x_q) if (e2 or e4) else (None, None)
+        out = self._explicit(q, k, v, px, py, keep, (B, hq, wq, hk, wk))
+        return out.transpose(-2, -1).reshape(B, -1, hq, wq)
 
     # -- fast path -----------------------------------------------------------------------
-    def _fused(self, q, k, v, px, py, keep, sizes) -> Tensor:  # noqa: ANN001
+    def _fast(self, x_q: Tensor, x_kv: Tensor, keep: Tensor | None) -> Tensor:
+        """``(B, heads*dv, hq, wq)`` (or ``(B, heads*dv, 1, 1)`` for E3 alone, global)."""
         e1, e2, e3, e4 = self.terms
-        B, hq, wq, hk, wk = sizes
-        z, nq, nk = self.num_heads, hq * wq, hk * wk
-        if not (e1 or e2 or e4) and keep is None:
-            # E3 alone: the energy is the same for every query, so one query row suffices
-            scores = (k @ self.appr_bias.reshape(z, -1, 1)).transpose(-2, -1)  # (B, z, 1, nk)
-            out = torch.softmax(scores, dim=-1) @ v  # (B, z, 1, dv)
-            return out.expand(B, z, nq, v.shape[-1])
+        B, z, d = x_q.shape[0], self.num_heads, self.qk_embed_dim
+        (hq, wq), (hk, wk) = x_q.shape[-2:], x_kv.shape[-2:]
+        nq, nk = hq * wq, hk * wk
+        if self.kv_stride > 1:
+            x_kv = x_kv.contiguous()  # one copy for the convs that read it, not one each
+        vT = self.value_conv(x_kv).reshape(B, z, -1, nk)  # (B, z, dv, nk), channel-first
+        qT = self.query_conv(x_q).reshape(B, z, d, nq) if (e1 or e2) else None
+        e3_row = None
+        if e3 and not e1:
+            # k is only read through appr_bias . k, so fold the vector into the conv:
+            # (u_m^T W_k,m) x gives z numbers per key instead of z*d
+            w_k = self.key_conv.weight.reshape(z, d, -1)
+            w_e3 = (self.appr_bias.reshape(z, 1, d) @ w_k).reshape(z, -1, 1, 1)
+            e3_row = F.conv2d(x_kv, w_e3).reshape(B, z, 1, nk)
+            if not (e2 or e4) and keep is None:
+                # E3 alone: one energy row serves every query (mmcv's shortcut as well)
+                weights = torch.softmax(e3_row, dim=-1)  # (B, z, 1, nk)
+                return (vT @ weights.transpose(-2, -1)).reshape(B, -1, 1, 1)
+        # Every term as one dot product of an augmented query and key (see the class doc):
+        # [q (+ appr_bias) | 1 | energy_x | energy_y] . [k | e3 | onehot(kx) | onehot(ky)]
         q_parts, k_parts = [], []
         if e1:
-            q_parts.append(q + self.appr_bias.reshape(z, 1, -1) if e3 else q)
-            k_parts.append(k)
+            q = qT.transpose(-2, -1)  # (B, z, nq, d)
+            q_parts.append(q + self.appr_bias.reshape(z, 1, d) if e3 else q)
+            k_parts.append(self.key_conv(x_kv).reshape(B, z, d, nk).transpose(-2, -1))
         elif e3:
-            q_parts.append(v.new_ones(B, z, nq, 1))
-            k_parts.append(k @ self.appr_bias.reshape(z, -1, 1))  # (B, z, nk, 1)
+            q_parts.append(vT.new_ones(1, 1, 1, 1).expand(B, z, nq, 1))
+            k_parts.append(e3_row.transpose(-2, -1))  # (B, z, nk, 1)
         if e2 or e4:
-            # content (and/or geom_bias) against the position features, one axis at a time:
-            # energy_x[q, kx] (B, z, nq, wk) and energy_y[q, ky] (B, z, nq, hk)
-            if e2:
-                c = q.reshape(B, z, hq, wq, -1)
-                if e4:
-                    c = c + self.geom_bias.reshape(z, 1, 1, -1)
-                ex = torch.einsum("bzhwd,zwkd->bzhwk", c, px)
-                ey = torch.einsum("bzhwd,zhjd->bzhwj", c, py)
-            else:
-                g = self.geom_bias.reshape(z, -1)
-                ex = torch.einsum("zd,zwkd->zwk", g, px)[None, :, None].expand(B, z, hq, wq, wk)
-                ey = torch.einsum("zd,zhjd->zhj", g, py)[None, :, :, None].expand(
-                    B, z, hq, wq, hk)
-            q_parts += [ex.reshape(B, z, nq, wk), ey.reshape(B, z, nq, hk)]
+            ex, ey = self._position_energy(qT, (B, hq, wq, hk, wk))
+            n = ex.shape[0]  # 1 when the position energy is the same for every sample
+            q_parts += [ex.reshape(n, z, nq, wk), ey.reshape(n, z, nq, hk)]
             # key (ky, kx) reads column kx of energy_x and column ky of energy_y
-            onehot_x = torch.eye(wk, dtype=v.dtype, device=v.device).repeat(hk, 1)  # (nk, wk)
-            onehot_y = torch.eye(hk, dtype=v.dtype, device=v.device).repeat_interleave(wk, 0)
-            k_parts += [onehot_x.expand(B, z, nk, wk), onehot_y.expand(B, z, nk, hk)]
-        q_aug = torch.cat(q_parts, -1) if len(q_parts) > 1 else q_parts[0]
-        k_aug = torch.cat(k_parts, -1) if len(k_parts) > 1 else k_parts[0]
-        # The CPU flash kernel wants one head width for q, k and v (else SDPA falls back
-        # to its math kernel, about 2x slower forward + backward): zero columns even them
-        # out without changing the scores, and the value padding is sliced off.
+            eye_x = torch.eye(wk, dtype=vT.dtype, device=vT.device)
+            eye_y = torch.eye(hk, dtype=vT.dtype, device=vT.device)
+            onehot = torch.cat((eye_x.repeat(hk, 1), eye_y.repeat_interleave(wk, 0)), -1)
+            k_parts.append(onehot.expand(n, z, nk, wk + hk))
+        shared = all(t.shape[0] == 1 for t in q_parts + k_parts) and B > 1
+        batch = 1 if shared else B
+        q_aug = torch.cat([t.expand(batch, z, nq, -1) for t in q_parts], -1)
+        k_aug = torch.cat([t.expand(batch, z, nk, -1) for t in k_parts], -1)
+        if shared:  # E4 (+ local range) alone: one set of weights for every sample
+            weights = masked_softmax(q_aug @ k_aug.transpose(-2, -1), mask=keep)[0]
+            v_heads = vT.transpose(0, 1).reshape(z, -1, nk)  # (z, B*dv, nk)
+            out = (v_heads @ weights.transpose(-2, -1)).reshape(z, B, -1, nq)
+            return out.transpose(0, 1).reshape(B, -1, hq, wq)
+        v = vT.transpose(-2, -1)
         dq, dv = q_aug.shape[-1], v.shape[-1]
-        if dq < dv:
-            q_aug, k_aug = F.pad(q_aug, (0, dv - dq)), F.pad(k_aug, (0, dv - dq))
-        elif dv < dq:
-            v = F.pad(v, (0, dq - dv))
-        out = F.scaled_dot_product_attention(q_aug, k_aug, v, attn_mask=keep, scale=1.0)
-        return out[..., :dv] if dv < dq else out
+        if dq == dv or self.memory_efficient:
+            # fused SDPA (scale 1); the CPU flash kernel needs one head width for q, k and
+            # v (else SDPA takes its math kernel), so zero columns even them out
+            if dq < dv:
+                q_aug, k_aug = F.pad(q_aug, (0, dv - dq)), F.pad(k_aug, (0, dv - dq))
+            elif dv < dq:
+                v = F.pad(v, (0, dq - dv))
+            out = F.scaled_dot_product_attention(q_aug.contiguous(), k_aug.contiguous(),
+                                                 v.contiguous(), attn_mask=keep, scale=1.0)
+            out = out[..., :dv].transpose(-2, -1)  # (B, z, dv, nq)
+        else:
+            # one GEMM gives the whole energy (no broadcast passes over nq x nk), then the
+            # softmax; measured faster than padding to the flash kernel's single width
+            scores = q_aug @ k_aug.transpose(-2, -1)
+            if keep is not None:
+                scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+            # weights @ v, not vT @ weights^T: the latter hands the softmax backward a
+            # transposed gradient, which costs a copy of the whole nq x nk matrix
+            out = (torch.softmax(scores, dim=-1) @ v).transpose(-2, -1)  # (B, z, dv, nq)
+        return out.reshape(B, -1, hq, wq)
+
+    def _position_energy(self, qT: Tensor | None, sizes) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        """``energy_x`` ``(B|1, z, hq, wq, wk)`` and ``energy_y`` ``(B|1, z, hq, wq, hk)``.
+
+        The E2 and E4 terms of every query against every key column / row: ``(q +
+        geom_bias) . P_x`` and ``. P_y`` (one of the two when only E2 or E4 is on). Without
+        E2 they do not depend on the sample (leading dimension 1).
+        """
+        e1, e2, e3, e4 = self.terms
+        B, hq, wq, hk, wk = sizes
+        z, d = self.num_heads, self.qk_embed_dim
+        px, py = self._positions(hq, wq, hk, wk, qT if qT is not None else self.value_conv.weight)
+        if e2:
+            c = qT.reshape(B, z, d, hq, wq)
+            if e4:
+                c = c + self.geom_bias.reshape(1, z, d, 1, 1)
+            ex = torch.einsum("bzdhw,zwkd->bzhwk", c, px)
+            ey = torch.einsum("bzdhw,zhjd->bzhwj", c, py)
+            return ex, ey
+        g = self.geom_bias.reshape(z, d)
+        ex = torch.einsum("zd,zwkd->zwk", g, px)[None, :, None]  # (1, z, 1, wq, wk)
+        ey = torch.einsum("zd,zhjd->zhj", g, py)[None, :, :, None]  # (1, z, hq, 1, hk)
+        return ex.expand(1, z, hq, wq, wk), ey.expand(1, z, hq, wq, hk)
 
     # -- explicit path -------------------------------------------------------------------
     def _explicit(self, q, k, v, px, py, keep, sizes) -> Tensor:  # noqa: ANN001
