@@ -50,7 +50,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/workspace_study/results.jsonl")
+    p.add_argument("--summarize", nargs="+", metavar="JSONL",
+                   help="print a Markdown table of these result files and exit")
     return p.parse_args(argv)
+
+
+def summarize(paths) -> str:
+    """Accuracy per kind and subtype, one row per (model, evaluation), in Markdown."""
+    rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines()]
+    cols = ["overall"] + [c for k in KINDS for c in (k, *(f"{k}/{s}" for s in SUBTYPES[k]))]
+    short = {c: c.replace("non_relational", "non-rel").replace("relational", "rel") for c in cols}
+    out = ["| model | params | epochs | samples | minutes | train loss | "
+           + " | ".join(short[c] for c in cols) + " |",
+           "|---" * (6 + len(cols)) + "|"]
+    for r in sorted(rows, key=lambda r: (r["epochs"], r["model"])):
+        acc = r["accuracy"]
+        out.append(
+            f"| {r['model']} | {r['params']:,} | {r['epochs']} | {r['samples']:,} | "
+            f"{r['minutes']} | {r['train_loss']} | "
+            + " | ".join(f"{100 * acc[c]:.1f}" if c in acc else "" for c in cols) + " |"
+        )
+    return "\n".join(out)
 
 
 @torch.no_grad()
@@ -131,6 +151,9 @@ def run_model(name, args, train, test, out) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
