@@ -10,6 +10,8 @@ Three steps, each resumable, results written as they come:
     python benchmarks/denoise_study.py eval --crop 256
     # 3. megapixels per second of tiled inference (full NBNet and NBNet-small)
     python benchmarks/denoise_study.py throughput --threads 1 2
+    # 4. SSA alone: fused solve vs the explicit N x N projection
+    python benchmarks/denoise_study.py ssa
 
 Held-out images: ``camera`` and ``grace_hopper`` (never trained on; see
 ``spatial_attention.denoise.TEST_IMAGES``), centre-cropped to ``--crop`` (0: whole
@@ -237,6 +239,36 @@ def cmd_throughput(args: argparse.Namespace) -> None:
                           f"{mp / t:.4f} |", flush=True)
 
 
+def cmd_ssa(args: argparse.Namespace) -> None:
+    """SSA alone: fused (solve) vs explicit (N x N projection) forward time and memory."""
+    import spatial_attention as sa
+    from spatial_attention.capture import explicit_path
+    from spatial_attention.memory import TensorMemoryTracker
+
+    torch.set_num_threads(args.threads)
+    print(f"| C | H x W | path | ms (median of {args.repeat}) | peak tensor MiB |")
+    print("|---|---|---|---|---|")
+    for side in args.sizes:
+        torch.manual_seed(0)
+        m = sa.create("ssa", args.channels, guide_channels=args.channels).eval()
+        x = torch.randn(1, args.channels, side, side)
+        g = torch.randn(1, args.channels, side, side)
+        for explicit in (False, True):
+            with torch.no_grad(), explicit_path(m, explicit=explicit):
+                m(x, g)
+                times = []
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    m(x, g)
+                    times.append(time.perf_counter() - t0)
+                with TensorMemoryTracker() as mem:
+                    m(x, g)
+            path = "explicit" if explicit else "fused"
+            print(f"| {args.channels} | {side} x {side} | {path} | "
+                  f"{1e3 * statistics.median(times):.1f} | {mem.peak_bytes / 2**20:.1f} |",
+                  flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -269,6 +301,11 @@ def main(argv: list[str] | None = None) -> None:
     h.add_argument("--tile", type=int, default=256)
     h.add_argument("--repeat", type=int, default=3)
     h.add_argument("--device", default="cpu")
+    a = sub.add_parser("ssa")
+    a.add_argument("--channels", type=int, default=64)
+    a.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64])
+    a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--repeat", type=int, default=5)
     for q in (t, e):
         q.add_argument("--runs", type=Path, default=Path("runs/denoise_study"))
     args = p.parse_args(argv)
@@ -276,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd_train(args)
     elif args.cmd == "eval":
         cmd_eval(args)
+    elif args.cmd == "ssa":
+        cmd_ssa(args)
     elif args.cmd == "summary":
         summarise(args.out / "results.csv")
     else:

@@ -95,6 +95,16 @@ def test_bfloat16_input_projects_in_float32():
     assert m(x.bfloat16()).dtype == torch.bfloat16
 
 
+def test_autocast_bfloat16_keeps_the_solve_in_float32():
+    m = sa.create("ssa", 8, guide_channels=8).eval()
+    x, g = torch.randn(1, 8, 12, 10), torch.randn(1, 8, 12, 10)
+    ref = m(x, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, g)  # bf16 convolutions, float32 projection
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
 def test_zero_bases_give_zero_not_nan():
     x = torch.randn(1, 3, 4, 4)
     out = subspace_project(x, torch.zeros(1, 16, 4, 4))

@@ -188,10 +188,18 @@ def subspace_project(x: Tensor, bases: Tensor, ridge: float = 1e-6, fused: bool 
 
     ``fused=True`` solves for the K x C coefficients and never forms the N x N matrix;
     ``fused=False`` materialises ``P`` (:func:`projection_matrix`). Returns ``x``'s shape
-    and dtype; channels-last inputs give channels-last outputs on the fused path.
+    and dtype; channels-last inputs give channels-last outputs on the fused path. Under
+    autocast the projection still runs in float32 (autocast would hand the solve bf16).
     """
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return _project(x, bases, ridge, fused)
+    return _project(x, bases, ridge, fused)
+
+
+def _project(x: Tensor, bases: Tensor, ridge: float, fused: bool) -> Tensor:
     B, C, H, W = x.shape
-    cdt = _compute_dtype(x.dtype)
+    cdt = _compute_dtype(torch.promote_types(x.dtype, bases.dtype))
     v = l1_normalise_bases(bases.to(cdt))  # (B, K, N)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and C > 1
     if channels_last:
@@ -199,7 +207,7 @@ def subspace_project(x: Tensor, bases: Tensor, ridge: float = 1e-6, fused: bool 
     else:
         feats = x.reshape(B, C, H * W).to(cdt).transpose(1, 2)  # (B, N, C), strided view
     if not fused:
-        P = projection_matrix(bases, ridge).to(cdt)  # (B, N, N)
+        P = projection_matrix(bases.to(cdt), ridge)  # (B, N, N)
         out = P @ feats  # (B, N, C)
     else:
         gram = _ridge_gram(v, ridge)  # (B, K, K)
