@@ -205,6 +205,7 @@ def test_bad_hyper_parameters(kwargs, match):
         (lambda m: m(torch.randn(2, 5, 16), torch.tensor([[5] * 5] * 2)), r"shape \(2,\)"),
         (lambda m: m(torch.randn(2, 5, 16), torch.tensor([5])), r"shape \(2,\)"),
         (lambda m: m(torch.randn(2, 5, 16), torch.tensor([5.0, 2.0])), "integers"),
+        (lambda m: m(torch.randn(2, 5, 16), torch.tensor([True, False])), "integers"),
         (lambda m: m(torch.randn(2, 5, 16), memory=torch.randn(2, 4, 16)), "memory must"),
         (lambda m: m(torch.randn(0, 5, 16)), "empty"),
     ],

@@ -209,7 +209,9 @@ class SharedWorkspace(AttentionModule):
                     f"{name}: valid_lens must have shape ({B},) (one length per sample; "
                     f"the slots read every valid position), got {shape}"
                 )
-            if valid_lens.is_floating_point() or valid_lens.is_complex():
+            if valid_lens.is_floating_point() or valid_lens.is_complex() or (
+                valid_lens.dtype == torch.bool
+            ):
                 raise ValueError(f"{name}: valid_lens must be integers, got {valid_lens.dtype}")
         if memory is not None:
             expected = (B, self.num_slots, self.dim)
