@@ -154,6 +154,10 @@ def run_layers(timm, device, repeats, rows):
             print(_line(rows[-1]), flush=True)
 
 
+def _blocks(model):
+    return [m for m in model.modules() if hasattr(m, "drop_path1")]
+
+
 def _train_step(model, x, y):
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
@@ -173,8 +177,10 @@ def run_models(timm, device, repeats, rows, sizes):
             ours = create_model(name).to(device)
             impls = {"ours": ours}
             if timm is not None:
+                # the same stochastic depth as ours (the paper's), so both do the same work
+                rate = max(b.drop_path1.p for b in _blocks(ours))
                 kwargs = {"img_size": size} if name.startswith("swin") else {}
-                ref = timm.create_model(tname, **kwargs).to(device)
+                ref = timm.create_model(tname, drop_path_rate=rate, **kwargs).to(device)
                 impls["timm"] = ref
             x = torch.randn(batch, 3, size, size, device=device)
             y = torch.randint(0, 1000, (batch,), device=device)
