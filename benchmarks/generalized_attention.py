@@ -17,6 +17,8 @@ explicit path.
         --out benchmarks/generalized_attention.csv
     python benchmarks/generalized_attention.py --threads 1 --clock cpu --repeats 9 \
         --out benchmarks/generalized_attention_cpu1.csv
+    python benchmarks/generalized_attention.py --instances --channels 64 --threads 1 \
+        --clock cpu --repeats 9 --out benchmarks/generalized_attention_instances_cpu1.csv
 """
 
 from __future__ import annotations
@@ -183,6 +185,40 @@ def measure(attention_type: str, args) -> list[dict]:
     return rows
 
 
+def measure_instances(args) -> list[dict]:
+    """deformable_conv / modulated_deformable_conv / dynamic_conv: fast vs explicit path."""
+    rows = []
+    for name in ("deformable_conv", "modulated_deformable_conv", "dynamic_conv"):
+        torch.manual_seed(0)
+        cls = __import__("spatial_attention").info(name).cls
+        m, (x,) = cls.example(name, args.batch, args.channels, (args.size, args.size))
+        params = list(m.parameters())
+
+        def runner(explicit, m=m, x=x, params=params):
+            def f_fwd():
+                with torch.no_grad(), explicit_path(m, explicit=explicit):
+                    m(x)
+
+            def f_fwd_bwd():
+                with explicit_path(m, explicit=explicit):
+                    m(x.detach().requires_grad_()).sum().backward()
+                for p in params:
+                    p.grad = None
+
+            return f_fwd, f_fwd_bwd
+
+        runners = {"fused": runner(False), "explicit": runner(True)}
+        fwd = _interleaved_medians({k: r[0] for k, r in runners.items()}, args.repeats)
+        fwd_bwd = _interleaved_medians({k: r[1] for k, r in runners.items()}, args.repeats)
+        for kind in runners:
+            peak = peak_memory_bytes(runners[kind][1], "cpu", params + [x])
+            rows.append({"attention_type": name, "impl": kind,
+                         "forward_ms": round(fwd[kind], 2),
+                         "forward_backward_ms": round(fwd_bwd[kind], 2),
+                         "peak_MiB": round(peak / 2**20, 1)})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=2)
@@ -199,6 +235,9 @@ def main() -> None:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: perf_counter; cpu: process CPU time (all threads), which a "
                    "machine shared with other jobs inflates less (use with --threads 1)")
+    p.add_argument("--instances", action="store_true",
+                   help="time deformable_conv, modulated_deformable_conv and dynamic_conv "
+                   "(fast vs explicit path) instead of generalized_attention")
     p.add_argument("--out", type=Path, default=None, help="CSV to write")
     args = p.parse_args()
     global CLOCK
@@ -206,10 +245,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     types = args.types or ["".join(b) for b in itertools.product("01", repeat=4)][1:][::-1]
     rows = []
-    print("| attention_type | impl | forward ms | fwd+bwd ms | peak MiB |")
+    print("| attention_type / mechanism | impl | forward ms | fwd+bwd ms | peak MiB |")
     print("|---|---|---:|---:|---:|")
-    for t in types:
-        for r in measure(t, args):
+    batches = [measure_instances(args)] if args.instances else (measure(t, args) for t in types)
+    for batch_rows in batches:
+        for r in batch_rows:
             rows.append(r)
             print(f"| {r['attention_type']} | {r['impl']} | {r['forward_ms']} | "
                   f"{r['forward_backward_ms']} | {r['peak_MiB']} |", flush=True)

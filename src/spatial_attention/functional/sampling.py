@@ -142,10 +142,12 @@ def deform_conv2d(
 
     Shapes: input ``(B, C, H, W)``, offset ``(B, 2*G*kh*kw, Ho, Wo)``, weight ``(Cout,
     C/groups, kh, kw)``, bias ``(Cout,)``, mask ``(B, G*kh*kw, Ho, Wo)`` -> ``(B, Cout,
-    Ho, Wo)``. Fast path: one row gather of all ``4 * K`` bilinear corners of all output
-    positions (``index_select`` on the ``(B*G*H*W, C/G)`` map), their weighted sum, and
-    one grouped matmul with the kernel (deformable im2col). Cost: ``2 * B * Ho * Wo *
-    K * (4 C + Cout * C / groups)`` FLOPs; the columns take ``4 * K`` times the input.
+    Ho, Wo)``. Fast path (deformable im2col): for each of the four bilinear corners, one
+    ``gather`` of all taps of all output positions along the flattened map (the index is
+    shared by the channels of an offset group, an expanded view), weighted and summed
+    into the ``(B, C, K, Ho*Wo)`` columns, then one grouped matmul with the kernel.
+    Cost: ``2 * B * Ho * Wo * K * (4 C + Cout * C / groups)`` FLOPs; the columns take
+    ``K`` times the output map's memory.
     """
     groups, G, ho, wo = check_deform_args("deform_conv2d", input, offset, weight, stride,
                                           padding, dilation, mask)
@@ -156,12 +158,13 @@ def deform_conv2d(
     index, w = bilinear_corners(y, x, H, W)  # (4, B, G, K, Ho, Wo)
     if mask is not None:
         w = w * mask.reshape(1, B, G, K, ho, wo)
-    # rows of the (B*G*H*W, C/G) channels-last map: sample b, group g starts at (b*G+g)*H*W
-    base = (torch.arange(B * G, device=input.device) * (H * W)).reshape(1, B, G, 1, 1, 1)
-    rows = input.reshape(B, G, cg, H * W).transpose(-2, -1).reshape(B * G * H * W, cg)
-    picked = rows.index_select(0, (index + base).reshape(-1)).reshape(4, B, G, K * L, cg)
-    sampled = (picked * w.reshape(4, B, G, K * L, 1)).sum(0)  # (B, G, K*L, C/G)
-    cols = sampled.reshape(B, G, K, L, cg).permute(0, 1, 4, 2, 3).reshape(B, C, K, L)
+    flat = input.reshape(B, G, cg, H * W)
+    index = index.reshape(4, B, G, 1, K * L)
+    w = w.reshape(4, B, G, 1, K * L)
+    cols = torch.gather(flat, 3, index[0].expand(B, G, cg, K * L)) * w[0]
+    for c in range(1, 4):  # the other three corners
+        cols = cols + torch.gather(flat, 3, index[c].expand(B, G, cg, K * L)) * w[c]
+    cols = cols.reshape(B, C, K, L)
     return _grouped_conv_of_columns(cols, weight, groups, bias, ho, wo)
 
 
