@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_positive
-from ..layers.multiview import MultiViewWindowAttention
+from ..layers.multiview import MultiViewWindowAttention, per_view_linear
 from . import register_model
 from .common import drop_path_rates
 from .common import load_pretrained as _load
@@ -80,15 +80,7 @@ class ViewLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, V = x.shape[:2]
-        flat = x.reshape(B, V, -1, x.shape[-1])
-        if V == 1:
-            out = F.linear(flat, self.weight[0], None if self.bias is None else self.bias[0])
-        else:
-            out = torch.matmul(flat, self.weight.transpose(1, 2))
-            if self.bias is not None:
-                out = out + self.bias[:, None]
-        return out.view(*x.shape[:-1], -1)
+        return per_view_linear(x, self.weight, self.bias)
 
 
 class ViewNorm(nn.Module):
