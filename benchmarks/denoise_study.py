@@ -10,6 +10,8 @@ Three steps, each resumable, results written as they come:
     python benchmarks/denoise_study.py eval --crop 256
     # 3. megapixels per second of tiled inference (full NBNet and NBNet-small)
     python benchmarks/denoise_study.py throughput --threads 1 2
+    # 3b. seconds per megapixel of every method in one pass (less exposed to load changes)
+    python benchmarks/denoise_study.py timing
     # 4. SSA alone: fused solve vs the explicit N x N projection
     python benchmarks/denoise_study.py ssa
 
@@ -239,6 +241,36 @@ def cmd_throughput(args: argparse.Namespace) -> None:
                           f"{mp / t:.4f} |", flush=True)
 
 
+def cmd_timing(args: argparse.Namespace) -> None:
+    """Seconds per megapixel of every method in one pass (sigma 25, one held-out crop)."""
+    import os
+
+    torch.set_num_threads(args.threads)
+    clean = _crop(load_clean_images("builtin", "test")[0], args.crop)
+    noisy = add_noise(clean[None], "gaussian", 25.0, generator=torch.Generator().manual_seed(0))
+    noisy = noisy[0]
+    mp = clean.shape[-1] * clean.shape[-2] / 1e6
+    arr = noisy.permute(1, 2, 0).double().numpy()
+    print(f"load average before: {os.getloadavg()[0]:.1f}; {args.threads} torch thread(s); "
+          f"{clean.shape[-2]}x{clean.shape[-1]} crop")
+    print(f"| method | s / MP (median of {args.repeat}; bm3d: 1 run) |")
+    print("|---|---|")
+    runs = {m: (lambda m=m: classical(m, arr, 25 / 255)) for m in CLASSICAL}
+    for variant in args.nets:
+        net = build_denoiser("nbnet_small", VARIANTS[variant]).eval()
+        runs[variant] = lambda net=net: denoise_tiled(net, noisy, tile=256, overlap=32)
+    for name, fn in runs.items():
+        reps = 1 if name == "bm3d" else args.repeat
+        if name != "bm3d":
+            fn()  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        print(f"| {name} | {statistics.median(times) / mp:.2f} |", flush=True)
+
+
 def cmd_ssa(args: argparse.Namespace) -> None:
     """SSA alone: fused (solve) vs explicit (N x N projection) forward time and memory."""
     import spatial_attention as sa
@@ -301,6 +333,11 @@ def main(argv: list[str] | None = None) -> None:
     h.add_argument("--tile", type=int, default=256)
     h.add_argument("--repeat", type=int, default=3)
     h.add_argument("--device", default="cpu")
+    tm = sub.add_parser("timing")
+    tm.add_argument("--crop", type=int, default=256)
+    tm.add_argument("--threads", type=int, default=1)
+    tm.add_argument("--repeat", type=int, default=5)
+    tm.add_argument("--nets", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     a = sub.add_parser("ssa")
     a.add_argument("--channels", type=int, default=64)
     a.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64])
@@ -313,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd_train(args)
     elif args.cmd == "eval":
         cmd_eval(args)
+    elif args.cmd == "timing":
+        cmd_timing(args)
     elif args.cmd == "ssa":
         cmd_ssa(args)
     elif args.cmd == "summary":
