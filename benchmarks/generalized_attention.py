@@ -138,7 +138,8 @@ def measure(attention_type: str, args) -> list[dict]:
     torch.manual_seed(0)
     m = create("generalized_attention", args.channels, num_heads=args.heads,
                attention_type=attention_type, kv_stride=args.kv_stride,
-               q_stride=args.q_stride, spatial_range=args.spatial_range)
+               q_stride=args.q_stride, spatial_range=args.spatial_range,
+               memory_efficient=args.memory_efficient)
     with torch.no_grad():
         m.gamma.fill_(1.0)
     x = torch.randn(args.batch, args.channels, args.size, args.size)
@@ -235,6 +236,8 @@ def main() -> None:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: perf_counter; cpu: process CPU time (all threads), which a "
                    "machine shared with other jobs inflates less (use with --threads 1)")
+    p.add_argument("--memory-efficient", action="store_true",
+                   help="build generalized_attention with memory_efficient=True")
     p.add_argument("--instances", action="store_true",
                    help="time deformable_conv, modulated_deformable_conv and dynamic_conv "
                    "(fast vs explicit path) instead of generalized_attention")
