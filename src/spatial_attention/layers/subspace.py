@@ -225,7 +225,7 @@ def _project(x: Tensor, bases: Tensor, ridge: float, fused: bool) -> Tensor:
     paper="Cheng et al., NBNet: Noise Basis Learning for Image Denoising with Subspace "
           "Projection (Sec. 3.2, Eq. 3-6)",
     year=2021,
-    cost="basis net 18·B·N·Cin·K + projection 2·B·N·K·(K + 2C) + B·K³ (fused); "
+    cost="basis net ~18·B·N·K·(Cin + K) + projection 2·B·N·K·(K + 2C) + B·K³ (fused); "
          "explicit adds 2·B·N²·(K + C)",
     captures="(B, K, H, W) L1-normalised bases",
 )
