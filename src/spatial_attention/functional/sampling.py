@@ -1,7 +1,7 @@
 """Bilinear sampling at fractional positions and deformable convolution, in plain PyTorch.
 
-Deformable convolution (Dai et al. ICCV 2017, Eq. 2; modulated: Zhu et al. CVPR 2019,
-Eq. 3) reads every kernel tap ``p_k`` of output position ``p`` at ``p * stride - padding
+Deformable convolution (Dai et al. ICCV 2017; modulated: Zhu, Hu, Lin, Dai CVPR 2019)
+reads every kernel tap ``p_k`` of output position ``p`` at ``p * stride - padding
 + p_k * dilation + delta_p_k`` with bilinear interpolation, scales it by ``m_k`` (v2) and
 applies the convolution weights:
 

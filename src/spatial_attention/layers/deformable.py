@@ -1,6 +1,6 @@
 """Deformable and dynamic convolution: the convolutional instances of generalized attention.
 
-Zhu et al. (ICCV 2019, Sec. 3) read both as spatial attention over a local set of keys:
+Zhu et al. (ICCV 2019) read both as spatial attention over a local set of keys:
 deformable convolution attends, through bilinear sampling, to keys at positions the
 query content shifts (its weight depends on query content and relative position, like
 E2, with a sparse support); dynamic convolution attends to a fixed window of keys with
@@ -11,7 +11,7 @@ weights predicted from the query content alone (E2 restricted to the window).
   modulation) predicted by a zero-initialised convolution, the sampling in plain
   PyTorch (:mod:`..functional.sampling`).
 * ``dynamic_conv``: :class:`DynamicConv2d`, the dynamic convolution of Wu et al.
-  (ICLR 2019, Eq. 3-4) on 2-D maps: position-specific kernels predicted from the query.
+  (ICLR 2019, DynamicConv) on 2-D maps: position-specific kernels predicted from the query.
 
 Both take and return ``(B, C, H, W)``.
 """
@@ -44,7 +44,7 @@ def _check_int(name: str, **values: Any) -> None:
     "deformable_conv",
     family="spatial",
     layout="map",
-    paper="Dai et al., Deformable Convolutional Networks (Eq. 2; bilinear sampling Eq. 3-4)",
+    paper="Dai et al., Deformable Convolutional Networks (deformable convolution)",
     year=2017,
     cost="2·B·Ho·Wo·K·C·(2G + Cout/groups) (offset conv, taps) + 8·B·Ho·Wo·K·C (bilinear)",
     captures="(B, G, K, 2, Ho, Wo) offsets (dy, dx) of every tap",
@@ -54,14 +54,14 @@ def _check_int(name: str, **values: Any) -> None:
     family="spatial",
     layout="map",
     paper="Zhu, Hu, Lin, Dai, Deformable ConvNets v2: More Deformable, Better Results "
-    "(modulated deformable convolution, Eq. 3)",
+    "(modulated deformable convolution)",
     year=2019,
     cost="2·B·Ho·Wo·K·C·(3G + Cout/groups) (offset/mask conv, taps) + 8·B·Ho·Wo·K·C",
     captures="(B, G, K, 2, Ho, Wo) offsets, then (B, G, K, Ho, Wo) modulation in (0, 1)",
     modulated=True,
 )
 class DeformableConv2d(AttentionModule):
-    """Deformable convolution, v1 (Dai et al. 2017, Eq. 2) or modulated v2 (Zhu et al. 2019).
+    """Deformable convolution, v1 (Dai et al. 2017) or modulated v2 (Zhu, Hu, Lin, Dai 2019).
 
     ``y(p) = sum_k w_k * m_k(p) * x(p * s - pad + p_k * dil + delta_p_k(p))`` with
     bilinear sampling (zero outside the map), ``m_k = 1`` in v1. ``conv_offset`` (a
@@ -209,13 +209,13 @@ class DeformableConv2d(AttentionModule):
     family="spatial",
     layout="map",
     paper="Wu et al., Pay Less Attention with Lightweight and Dynamic Convolutions (dynamic "
-    "convolution, Eq. 3-4, on 2-D maps); analysed as attention by Zhu et al. 2019",
+    "convolution, on 2-D maps); analysed as attention by Zhu et al. 2019",
     year=2019,
     cost="2·B·H·W·C·heads·K (kernel prediction) + 2·B·H·W·C·K (aggregation), K = k²",
     captures="(B, heads, K, H, W) the kernel of every position (softmax over the K taps)",
 )
 class DynamicConv2d(AttentionModule):
-    """Dynamic convolution (Wu et al. ICLR 2019, Eq. 3-4) on ``(B, C, H, W)`` maps.
+    """Dynamic convolution (Wu et al. ICLR 2019, DynamicConv) on ``(B, C, H, W)`` maps.
 
     At every position ``p`` a kernel over the ``k x k`` window (dilated by
     ``dilation``) is predicted from the query content, ``W(p) = softmax_k(weight_linear

@@ -1,10 +1,14 @@
 """CIFAR ResNets for Zhu et al.'s ablation: generalized attention or deformable convolution.
 
 *An Empirical Study of Spatial Attention Mechanisms in Deep Networks* (Zhu et al. ICCV
-2019, Sec. 4) inserts generalized attention after the 3x3 convolution of the residual
-blocks of the last two stages (mmdet's ``after_conv2`` plugin position in a bottleneck:
-after ``conv2 -> norm2 -> relu``, before the next convolution) and compares with
-deformable convolution replacing that 3x3 convolution. A CIFAR BasicBlock has two 3x3
+2019) compares generalized attention with deformable convolution. Its released detection
+configs (mmdetection's ``configs/empirical_attention``) put ``GeneralizedAttention``
+(``num_heads=8``, ``kv_stride=2``) in the blocks of the last two stages (``stages=(False,
+False, True, True)``) after the bottleneck's 3x3 convolution (plugin position
+``after_conv2``: after ``conv2 -> norm2 -> relu``, before the next convolution); their
+``-dcn`` variants make that 3x3 convolution deformable in the last three stages. Here
+the deformable variant uses the same two stages as the attention by default (a like-for-
+like comparison; ``stages`` changes it). A CIFAR BasicBlock has two 3x3
 convolutions; the first one (which carries the stride, like the bottleneck's 3x3 in
 torchvision's v1.5) plays that role here:
 
