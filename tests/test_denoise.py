@@ -9,6 +9,7 @@ import torch
 from spatial_attention.denoise import (
     add_noise,
     denoise_tiled,
+    load_clean_images,
     psnr,
     sample_batch,
     ssim,
@@ -117,6 +118,28 @@ def test_tiled_inference_memory_is_bounded_by_the_tile():
         with torch.no_grad():
             model(torch.rand(1, 3, 96, 96))
     assert large < mem.peak_bytes
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_training_images_from_a_folder_or_a_tar(tmp_path, kind):
+    import tarfile
+
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    (root / "cls").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((32, 40, 3), 60 * i, np.uint8)).save(root / "cls" / f"{i}.png")
+    source = root
+    if kind == "tar":
+        source = tmp_path / "train.tar"
+        with tarfile.open(source, "w") as tf:
+            tf.add(root / "cls", arcname="cls")
+    images = load_clean_images(str(source), max_images=2)
+    assert len(images) == 2 and all(im.dim() == 3 and im.shape[0] == 3 for im in images)
+    assert images[1].max() > images[0].max() or images[1].max() < images[0].max()
+    with pytest.raises(UsageError, match="not found"):
+        load_clean_images(str(tmp_path / "nope"))
 
 
 def test_sample_batch_is_deterministic_and_augmented():
