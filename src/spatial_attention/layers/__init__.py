@@ -13,7 +13,9 @@ from .cbam import CBAM, ChannelGate, SpatialGate
 from .channel import EfficientChannelAttention, SqueezeExcite
 from .cpca import ChannelPriorConvAttention
 from .cpms import ChannelPriorMultiScaleAttention
+from .deformable import DeformableConv2d, DynamicConv2d
 from .gam import GAM
+from .generalized import GeneralizedAttention
 from .global_attention import GlobalAttention, GlobalSubsampledAttention
 from .position import PositionEncodingGenerator, RelativePositionBias
 from .scoring import AdditiveAttention, DotProductAttention, MultiHeadAttention
@@ -32,8 +34,11 @@ __all__ = [
     "ChannelGate",
     "ChannelPriorConvAttention",
     "ChannelPriorMultiScaleAttention",
+    "DeformableConv2d",
     "DotProductAttention",
+    "DynamicConv2d",
     "EfficientChannelAttention",
+    "GeneralizedAttention",
     "GlobalAttention",
     "GlobalSubsampledAttention",
     "MultiHeadAttention",
