@@ -265,3 +265,12 @@ def test_train_denoiser_command(capsys, tmp_path):
     code, _, err = _main(capsys, "train-denoiser", "--patch", "4096", "--out",
                          str(tmp_path / "x"), "--steps", "1", "--max-images", "1")
     assert code == 2 and "smaller --patch" in err
+
+
+@pytest.mark.parametrize("sub", ["denoise", "train-denoiser"])
+def test_help(capsys, sub):
+    from spatial_attention.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([sub, "--help"])
+    assert exit_.value.code == 0 and "usage" in capsys.readouterr().out.lower()
