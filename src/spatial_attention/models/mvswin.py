@@ -20,7 +20,7 @@ Architecture as in the reference code (prithuls/MV-Swin-T, ``MVSwinTransformer``
 ``mvswin_tiny`` is the reference configuration: 384 inputs, window 12, C 96, depths
 2-2-6-2, heads 3-6-12-24, one output (the reference applies a sigmoid inside ``forward``;
 we return logits, so use ``BCEWithLogitsLoss`` or apply ``sigmoid``), stochastic depth 0.1.
-29.4M parameters, the reference's count (its demo prints 29 million).
+29,746,261 parameters, the count of the reference model (its demo prints 29 million).
 
 Beyond the reference (which asserts the nominal input size everywhere):
 
@@ -31,6 +31,11 @@ Beyond the reference (which asserts the nominal input size everywhere):
   position embeddings. At the nominal size it is exactly the reference's layer,
 * ``num_classes`` > 1 gives a multi-class head (softmax outside), ``share_weights`` one
   set of weights for both views, ``cross_mode="concat"`` the keys-concatenation variant.
+
+Differences at sizes the reference cannot run: where a stage's map is no larger than the
+window the reference shrinks the window to the map (and its position-bias coordinates
+with it); we keep the window and mask the padding, so only sizes where every stage map is
+at least the window (384 with window 12) give the reference's numbers exactly.
 
 Per-view weights are stacked along a leading view axis, so both views run as one batch;
 :func:`load_pretrained` maps the reference's ``_1``/``_2`` names onto them.
@@ -263,7 +268,8 @@ class MVSwinTransformer(nn.Module):
         diff_attn_layers: multi-view stages whose attention crosses views (``(1,)``);
             the others attend within each view.
         cross_mode: ``"mix"`` (W-MDA) or ``"concat"`` (see ``multi_view_window_attention``).
-        share_weights: one set of weights for every view in the multi-view stages.
+        share_weights: one set of attention weights for every view in the multi-view
+            stages (norms, MLPs, merging and patch embedding stay per view).
 
     ``forward`` returns ``(B, num_classes)`` logits; ``forward_features`` the pooled
     features.
@@ -489,7 +495,8 @@ def _mvswin(defaults: dict[str, Any], kwargs: dict[str, Any]) -> MVSwinTransform
                 year=2024)
 def mvswin_tiny(**kwargs: Any) -> MVSwinTransformer:
     """MV-Swin-T: two views of 384, window 12, C 96, depths 2-2-6-2, heads 3-6-12-24
-    (29.4M params); cross-view W-MDA in stage 1, token fusion after it."""
+    (29.7M params, 39.7 GFLOPs for a pair of views); cross-view W-MDA in stage 1, token
+    fusion after it."""
     return _mvswin(dict(img_size=384, window_size=12, embed_dim=96, depths=(2, 2, 6, 2),
                         num_heads=(3, 6, 12, 24), num_classes=1, drop_path_rate=0.1), kwargs)
 
