@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["vanilla_transformer", "workspace_transformer"])
     p.add_argument("--train-images", type=int, default=9800)
     p.add_argument("--test-images", type=int, default=200)
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS,
+                   help="question kinds to train and test on (default: all three)")
     p.add_argument("--epochs", type=float, default=100, help="passes over the questions")
     p.add_argument("--eval-every", type=float, default=1.0, help="epochs between evaluations")
     p.add_argument("--max-minutes", type=float, default=None, help="stop a model after this")
@@ -158,8 +160,9 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    train = generate(args.train_images, seed=args.seed)
-    test = generate(args.test_images, seed=args.seed + 10_000)
+    kinds = tuple(args.kinds)
+    train = generate(args.train_images, seed=args.seed, kinds=kinds)
+    test = generate(args.test_images, seed=args.seed + 10_000, kinds=kinds)
     print(f"generated {len(train)} + {len(test)} images in {time.perf_counter() - t:.1f}s",
           flush=True)
     for name in args.models:
