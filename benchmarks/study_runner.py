@@ -39,8 +39,39 @@ def add_arguments(p: argparse.ArgumentParser, out: str, runs: str) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=out, help="where results.csv and results.md go")
     p.add_argument("--runs", default=runs, help="run directories (not for the repository)")
+    p.add_argument("--subset", type=int, default=0, metavar="N",
+                   help="pilot runs: N training and N/5 test images per class, drawn once "
+                   "(seed 0) into the runs directory (0: the full sets)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further arguments passed to `spatial-attention train`")
+
+
+def make_subset(train_tar: Path, per_class: int, out_dir: Path) -> Path:
+    """``train.tar`` / ``test.tar`` with ``per_class`` (and ``per_class // 5``) images of
+    every class, sampled with seed 0 from the tars beside ``train_tar``; returns the new
+    ``train.tar`` (the pipeline finds ``test.tar`` beside it)."""
+    import random
+    import tarfile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tar", per_class), ("test.tar", max(1, per_class // 5))):
+        dst = out_dir / name
+        if dst.exists():
+            continue
+        with tarfile.open(train_tar.parent / name) as src:
+            by_class: dict[str, list] = {}
+            for m in src.getmembers():
+                if m.isfile() and m.name.lower().endswith((".jpg", ".jpeg", ".png")):
+                    by_class.setdefault(m.name.split("/")[-2], []).append(m)
+            rng = random.Random(0)
+            tmp = dst.with_suffix(".part")
+            with tarfile.open(tmp, "w") as out:
+                for c in sorted(by_class):
+                    members = sorted(by_class[c], key=lambda m: m.name)
+                    for m in rng.sample(members, min(n, len(members))):
+                        out.addfile(m, src.extractfile(m))
+            tmp.rename(dst)
+    return out_dir / "train.tar"
 
 
 def last_row(run: Path) -> dict[str, str] | None:
@@ -80,13 +111,15 @@ def write(out: Path, rows: list[dict]) -> list[str]:
         w.writeheader()
         w.writerows(rows)
     lines = [
-        "| entry | model | attn | epochs | test acc | params | GFLOPs / image | train images/s |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| entry | model | attn | epochs | train images | test acc | params | GFLOPs / image "
+        "| train images/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['entry']} | {r['model']} | {r['attn']} | {r['epochs']} | "
-            f"{float(r['test_acc']):.4f} | {r['params']:,} | {r['gflops_per_image']} | "
+            f"{r.get('train_images', 'all')} | {float(r['test_acc']):.4f} | {r['params']:,} | "
+            f"{r['gflops_per_image']} | "
             f"{r['train_images_per_s']} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -96,6 +129,8 @@ def write(out: Path, rows: list[dict]) -> list[str]:
 def run(entries: list[Entry], args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.subset:
+        args.data = str(make_subset(Path(args.data), args.subset, Path(args.runs) / "data"))
     rows = []
     for entry in entries:
         run_dir = Path(args.runs) / entry.label
@@ -118,7 +153,9 @@ def run(entries: list[Entry], args: argparse.Namespace) -> int:
         params, gflops = cost(entry)
         rows.append({
             "entry": entry.label, "model": entry.model, "attn": entry.attn or "-",
-            "epochs": last["epoch"], "seed": args.seed, "test_acc": last["val_acc"],
+            "epochs": last["epoch"], "seed": args.seed,
+            "train_images": 10 * args.subset if args.subset else "all",
+            "test_acc": last["val_acc"],
             "params": params, "gflops_per_image": f"{gflops:.4f}",
             "train_images_per_s": last["images_per_s"],
         })
