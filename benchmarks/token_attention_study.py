@@ -10,7 +10,7 @@ seed and data order (`spatial-attention train` defaults: AdamW, cosine, label sm
 * ``global``: ``vit_tiny_p2_cifar`` with ``global_attention`` (dim 192, 12 blocks, all
   256 tokens attend to each other).
 
-    python benchmarks/token_attention_study.py --epochs 1
+    python benchmarks/token_attention_study.py --subset 1000 --epochs 2 --batch 64   # CPU pilot
     python benchmarks/token_attention_study.py --epochs 30 --device cuda   # the real study
 """
 
