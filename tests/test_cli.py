@@ -2,7 +2,7 @@ import pytest
 
 import spatial_attention as sa
 
-SUBCOMMANDS = ["list", "info", "bench", "viz", "train", "evaluate"]
+SUBCOMMANDS = ["list", "info", "bench", "viz", "train", "evaluate", "denoise", "train-denoiser"]
 
 
 def test_list_shows_every_mechanism(cli):
