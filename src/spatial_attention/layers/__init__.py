@@ -8,17 +8,20 @@ import importlib as _importlib
 import pkgutil as _pkgutil
 
 from .base import AttentionModule
+from .bilateral import BilateralLocalAttention, FeatureSpaceLocalAttention
 from .branch import SelectiveKernel
 from .cbam import CBAM, ChannelGate, SpatialGate
 from .channel import EfficientChannelAttention, SqueezeExcite
 from .cpca import ChannelPriorConvAttention
 from .cpms import ChannelPriorMultiScaleAttention
+from .cswin import CSWinAttention
 from .deformable import DeformableConv2d, DynamicConv2d
 from .gam import GAM
 from .generalized import GeneralizedAttention
 from .global_attention import GlobalAttention, GlobalSubsampledAttention
 from .position import PositionEncodingGenerator, RelativePositionBias
 from .scoring import AdditiveAttention, DotProductAttention, MultiHeadAttention
+from .subspace import SubspaceAttention
 from .temporal import TemporalAdaptiveModule, TemporalSelfAttention
 from .window import WindowAttention
 
@@ -31,6 +34,8 @@ __all__ = [
     "GAM",
     "AdditiveAttention",
     "AttentionModule",
+    "BilateralLocalAttention",
+    "CSWinAttention",
     "ChannelGate",
     "ChannelPriorConvAttention",
     "ChannelPriorMultiScaleAttention",
@@ -38,6 +43,7 @@ __all__ = [
     "DotProductAttention",
     "DynamicConv2d",
     "EfficientChannelAttention",
+    "FeatureSpaceLocalAttention",
     "GeneralizedAttention",
     "GlobalAttention",
     "GlobalSubsampledAttention",
@@ -47,6 +53,7 @@ __all__ = [
     "SelectiveKernel",
     "SpatialGate",
     "SqueezeExcite",
+    "SubspaceAttention",
     "TemporalAdaptiveModule",
     "TemporalSelfAttention",
     "WindowAttention",
