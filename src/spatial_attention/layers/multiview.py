@@ -57,7 +57,7 @@ from ..functional.windows import (
 )
 from ..registry import register
 from .base import AttentionModule
-from .window import WindowAttention, _window_sdpa
+from .window import WindowAttention, window_sdpa
 
 __all__ = ["MultiViewWindowAttention", "log_spaced_relative_coords", "per_view_linear"]
 
@@ -398,7 +398,7 @@ class MultiViewWindowAttention(AttentionModule):
                     flat = mask[0, 0]  # (1, h, N, K): shared by every view and window
                 else:
                     flat = mask[0].expand(V, nW, *mask.shape[3:]).reshape(V * nW, *mask.shape[3:])
-                out = _window_sdpa(q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2),
+                out = window_sdpa(q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2),
                                    flat, 1.0, p).view(B, V, nW, h, N, d)
             else:
                 out, weights = attention(q, k, v, mask, scale=1.0, dropout_p=p, fused=False,

@@ -34,7 +34,7 @@ from ..functional.windows import (
 from ..registry import register
 from .base import AttentionModule
 
-__all__ = ["WindowAttention"]
+__all__ = ["WindowAttention", "window_sdpa"]
 
 _SWIN = "Liu et al., Swin Transformer: Hierarchical Vision Transformer using Shifted Windows"
 _COST = "2·B·N·C·3C + 2·B·N·C² (projections) + 4·B·N·M²·C (scores and weighting), N = H·W"
@@ -214,7 +214,7 @@ class WindowAttention(AttentionModule):
         ):
             out = self._flex(q, k, v, keep, (H, W, shift))
         elif self.use_fused:
-            out = _window_sdpa(q, k, v, mask, self.scale, p)
+            out = window_sdpa(q, k, v, mask, self.scale, p)
         else:
             out, weights = attention(
                 q, k, v, mask, scale=self.scale, dropout_p=p, fused=False, return_weights=True
@@ -311,7 +311,7 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def _window_sdpa(
+def window_sdpa(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float
 ) -> Tensor:
     """One attention call over all windows of ``(B, nW, heads, N, d)`` inputs.
