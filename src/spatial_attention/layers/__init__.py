@@ -19,11 +19,13 @@ from .deformable import DeformableConv2d, DynamicConv2d
 from .gam import GAM
 from .generalized import GeneralizedAttention
 from .global_attention import GlobalAttention, GlobalSubsampledAttention
+from .multiview import MultiViewWindowAttention
 from .position import PositionEncodingGenerator, RelativePositionBias
 from .scoring import AdditiveAttention, DotProductAttention, MultiHeadAttention
 from .subspace import SubspaceAttention
 from .temporal import TemporalAdaptiveModule, TemporalSelfAttention
 from .window import WindowAttention
+from .workspace import SharedWorkspace
 
 for _mod in _pkgutil.iter_modules(__path__):
     if not _mod.name.startswith("_"):
@@ -48,9 +50,11 @@ __all__ = [
     "GlobalAttention",
     "GlobalSubsampledAttention",
     "MultiHeadAttention",
+    "MultiViewWindowAttention",
     "PositionEncodingGenerator",
     "RelativePositionBias",
     "SelectiveKernel",
+    "SharedWorkspace",
     "SpatialGate",
     "SqueezeExcite",
     "SubspaceAttention",
