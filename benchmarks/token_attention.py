@@ -14,6 +14,8 @@ a noisy neighbour slows all of them alike; medians and minima are reported:
   storage on CPU, the allocator peak on CUDA).
 * ``models``: swin_tiny and twins_svt_small training steps (forward, backward, SGD
   step) at 224 (batch 8) and 512 (batch 1), ours against timm's with the same weights.
+* ``micro``: the study's three ~5.4M-parameter models (micro Swin, micro Twins-SVT, a
+  patch-2 ViT with global attention), training steps at 32x32, batch 64.
 * ``scaling``: window attention against global attention (one SDPA call over all
   tokens) from 28^2 to 112^2 tokens, batch 1, C 96, 3 heads: time per token stays flat
   for windows and grows linearly for global attention; FLOPs from ``count_flops``.
@@ -195,6 +197,30 @@ def run_models(timm, device, repeats, rows, sizes):
                 print(_line(rows[-1]), flush=True)
 
 
+def run_micro(device, repeats, rows):
+    """The study's three ~5.4M models: training steps on 32x32, batch 64, interleaved."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (64,), device=device)
+    models = {
+        "swin_micro_cifar": create_model("swin_micro_cifar"),
+        "twins_svt_micro_cifar": create_model("twins_svt_micro_cifar"),
+        "vit_tiny_p2_cifar+global_attention": create_model(
+            "vit_tiny_p2_cifar", attn_layer="global_attention"
+        ),
+    }
+    models = {k: m.to(device) for k, m in models.items()}
+    steps = {k: _train_step(m, x, y) for k, m in models.items()}
+    times = interleaved_times(steps, repeats, warmup=1, device=device)
+    for name, m in models.items():
+        med, mn = _summary(times[name])
+        mem = peak_memory_bytes(steps[name], device, list(m.parameters()) + [x])
+        rows.append(dict(part="micro", case=name, shape="(64, 3, 32, 32)", impl="ours",
+                         fwd_bwd_ms=med, fwd_bwd_min_ms=mn, images_per_s=64 / (med / 1e3),
+                         peak_mb=mem / 2**20))
+        print(_line(rows[-1]), flush=True)
+
+
 def run_scaling(device, repeats, rows):
     for side in (28, 56, 84, 112):
         x = torch.randn(1, side, side, 96, device=device)
@@ -218,7 +244,7 @@ def _line(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="layers,models,scaling")
+    p.add_argument("--parts", default="layers,models,scaling,micro")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="cpu")
@@ -237,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         run_models(timm, args.device, max(3, args.repeats // 2), rows, sizes)
     if "scaling" in parts:
         run_scaling(args.device, args.repeats, rows)
+    if "micro" in parts:
+        run_micro(args.device, args.repeats, rows)
     if args.out:
         keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
                       if k in rows[0] else 99)
