@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..layers.bilateral import FeatureSpaceLocalAttention
 from . import register_model
 from .common import load_pretrained as _load
-from .swin import SwinBlock, SwinTransformer, convert_official_swin
+from .swin import SWIN_SIZES, SwinBlock, SwinTransformer, convert_official_swin
 
 __all__ = ["BoatSwinBlock", "load_pretrained", "fsla_overlap"]
 
@@ -105,22 +105,19 @@ def _boat(defaults: dict[str, Any], kwargs: dict[str, Any]) -> SwinTransformer:
 @register_model("boat_swin_tiny", paper=_BOAT + " (BOAT-Swin-T)", year=2022)
 def boat_swin_tiny(**kwargs: Any) -> SwinTransformer:
     """BOAT-Swin-T: Swin-T with FSLA in the shifted blocks of stages 1-3 (30.3M params)."""
-    return _boat(dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-                      drop_path_rate=0.2), kwargs)
+    return _boat(SWIN_SIZES["tiny"], kwargs)
 
 
 @register_model("boat_swin_small", paper=_BOAT + " (BOAT-Swin-S)", year=2022)
 def boat_swin_small(**kwargs: Any) -> SwinTransformer:
     """BOAT-Swin-S: Swin-S with FSLA in the shifted blocks of stages 1-3."""
-    return _boat(dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
-                      drop_path_rate=0.3), kwargs)
+    return _boat(SWIN_SIZES["small"], kwargs)
 
 
 @register_model("boat_swin_base", paper=_BOAT + " (BOAT-Swin-B)", year=2022)
 def boat_swin_base(**kwargs: Any) -> SwinTransformer:
     """BOAT-Swin-B: Swin-B with FSLA in the shifted blocks of stages 1-3."""
-    return _boat(dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                      drop_path_rate=0.5), kwargs)
+    return _boat(SWIN_SIZES["base"], kwargs)
 
 
 @register_model("boat_swin_micro_cifar", paper=_BOAT + " (scaled down for 32x32 inputs)",

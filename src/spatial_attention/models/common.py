@@ -21,6 +21,7 @@ __all__ = [
     "drop_path_rates",
     "DropPath",
     "Mlp",
+    "PreNormBlock",
     "PatchEmbed",
     "init_transformer_weights",
     "load_pretrained",
@@ -63,6 +64,28 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class PreNormBlock(nn.Module):
+    """``x + DropPath(attn(LN(x)))``, then ``x + DropPath(MLP(LN(x)))``: the transformer
+    block of Swin and Twins (and ViT), whatever the token mixer ``attn``. Names
+    ``norm1``, ``attn``, ``norm2``, ``mlp`` as in the official code and timm."""
+
+    def __init__(
+        self, dim: int, attn: nn.Module, mlp_ratio: float = 4.0, drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attn
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):

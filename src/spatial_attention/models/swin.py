@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..checks import check_positive
 from ..layers.window import WindowAttention
 from . import register_model
-from .common import DropPath, Mlp, PatchEmbed, drop_path_rates, init_transformer_weights
+from .common import PatchEmbed, PreNormBlock, drop_path_rates, init_transformer_weights
 from .common import load_pretrained as _load
 
 __all__ = ["SwinBlock", "PatchMerging", "SwinTransformer", "load_pretrained",
@@ -47,7 +47,7 @@ __all__ = ["SwinBlock", "PatchMerging", "SwinTransformer", "load_pretrained",
 _PAPER = "Liu et al., Swin Transformer: Hierarchical Vision Transformer using Shifted Windows"
 
 
-class SwinBlock(nn.Module):
+class SwinBlock(PreNormBlock):
     """``x + DropPath((S)W-MSA(LN(x)))``, then ``x + DropPath(MLP(LN(x)))`` on (B, H, W, C)."""
 
     def __init__(
@@ -63,20 +63,11 @@ class SwinBlock(nn.Module):
         drop_path: float = 0.0,
         **_: Any,
     ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(
+        attn = WindowAttention(
             dim, num_heads, window_size=window_size, shift_size=shift_size,
             qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
         )
-        self.drop_path1 = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
-        self.drop_path2 = DropPath(drop_path)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        super().__init__(dim, attn, mlp_ratio, drop, drop_path)
 
 
 class PatchMerging(nn.Module):
@@ -225,25 +216,33 @@ def _swin(defaults: dict[str, Any], kwargs: dict[str, Any]) -> SwinTransformer:
     return SwinTransformer(**{**defaults, **kwargs})
 
 
+#: the paper's sizes (Table 1), shared by the variants built on Swin (BOAT-Swin)
+SWIN_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                 drop_path_rate=0.2),
+    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
+                  drop_path_rate=0.3),
+    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                 drop_path_rate=0.5),
+}
+
+
 @register_model("swin_tiny", paper=_PAPER + " (Swin-T, Table 1)", year=2021)
 def swin_tiny(**kwargs: Any) -> SwinTransformer:
     """Swin-T: C 96, depths 2-2-6-2, heads 3-6-12-24, window 7 (28.3M params, 4.5G FLOPs)."""
-    return _swin(dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-                      drop_path_rate=0.2), kwargs)
+    return _swin(SWIN_SIZES["tiny"], kwargs)
 
 
 @register_model("swin_small", paper=_PAPER + " (Swin-S, Table 1)", year=2021)
 def swin_small(**kwargs: Any) -> SwinTransformer:
     """Swin-S: C 96, depths 2-2-18-2, heads 3-6-12-24, window 7 (49.6M, 8.7G FLOPs)."""
-    return _swin(dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
-                      drop_path_rate=0.3), kwargs)
+    return _swin(SWIN_SIZES["small"], kwargs)
 
 
 @register_model("swin_base", paper=_PAPER + " (Swin-B, Table 1)", year=2021)
 def swin_base(**kwargs: Any) -> SwinTransformer:
     """Swin-B: C 128, depths 2-2-18-2, heads 4-8-16-32, window 7 (87.8M, 15.4G FLOPs)."""
-    return _swin(dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                      drop_path_rate=0.5), kwargs)
+    return _swin(SWIN_SIZES["base"], kwargs)
 
 
 @register_model("swin_micro_cifar", paper=_PAPER + " (scaled down for 32x32 inputs)", year=2021)

@@ -45,7 +45,7 @@ from ..layers.global_attention import GlobalSubsampledAttention
 from ..layers.position import PositionEncodingGenerator
 from ..layers.window import WindowAttention
 from . import register_model
-from .common import DropPath, Mlp, PatchEmbed, drop_path_rates, init_transformer_weights
+from .common import PatchEmbed, PreNormBlock, drop_path_rates, init_transformer_weights
 from .common import load_pretrained as _load
 
 __all__ = ["TwinsBlock", "Twins", "load_pretrained"]
@@ -53,7 +53,7 @@ __all__ = ["TwinsBlock", "Twins", "load_pretrained"]
 _PAPER = "Chu et al., Twins: Revisiting the Design of Spatial Attention in Vision Transformers"
 
 
-class TwinsBlock(nn.Module):
+class TwinsBlock(PreNormBlock):
     """Pre-norm block on ``(B, H, W, C)`` whose mixer is LSA (``window > 1``) or GSA."""
 
     def __init__(
@@ -67,25 +67,16 @@ class TwinsBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
         if window:
-            self.attn = WindowAttention(
+            attn = WindowAttention(
                 dim, num_heads, window_size=window, position_bias=False,
                 attn_drop=attn_drop, proj_drop=drop,
             )
         else:
-            self.attn = GlobalSubsampledAttention(
+            attn = GlobalSubsampledAttention(
                 dim, num_heads, sr_ratio=sr_ratio, attn_drop=attn_drop, proj_drop=drop
             )
-        self.drop_path1 = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
-        self.drop_path2 = DropPath(drop_path)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        super().__init__(dim, attn, mlp_ratio, drop, drop_path)
 
 
 class Twins(nn.Module):
