@@ -130,6 +130,34 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def read_csv_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a run's metrics CSV (none when the file does not exist yet)."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv_rows(
+    path: str | os.PathLike, rows: list[dict[str, Any]], fields: list[str] | tuple[str, ...]
+) -> None:
+    """Rewrite a metrics CSV atomically (temporary file, then rename): a run stopped
+    mid-write never leaves a truncated log for ``--resume`` to read."""
+    import csv
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in fields})
+    tmp.replace(path)
+
+
 def _names(keys: list[str], limit: int = 6) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")

@@ -34,7 +34,6 @@ patch, Adam (lr 2e-4, weight decay 1e-8) with a cosine decay to 0.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -359,20 +358,15 @@ def _val_set(cfg: dict[str, Any]) -> tuple[Tensor, Tensor]:
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    from .checkpoint import read_csv_rows
+
+    return read_csv_rows(path)
 
 
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in _CSV_FIELDS})
-    tmp.replace(path)
+    from .checkpoint import write_csv_rows
+
+    write_csv_rows(path, rows, _CSV_FIELDS)
 
 
 def build_denoiser(name: str, model_args: dict[str, Any] | None = None) -> nn.Module:

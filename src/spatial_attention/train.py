@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import inspect
 import json
 import math
@@ -756,20 +755,15 @@ _CSV_FIELDS = [
 
 
 def _read_metrics(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    from .checkpoint import read_csv_rows
+
+    return read_csv_rows(path)
 
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in _CSV_FIELDS})
-    tmp.replace(path)
+    from .checkpoint import write_csv_rows
+
+    write_csv_rows(path, rows, _CSV_FIELDS)
 
 
 def _gather_rng(ctx: Context) -> list[dict[str, Any]]:
