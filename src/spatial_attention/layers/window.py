@@ -29,6 +29,8 @@ from ..functional.windows import (
     effective_shift,
     to_2tuple,
     window_attention_mask,
+    window_partition,
+    window_reverse,
     window_token_index,
 )
 from ..registry import register
@@ -204,7 +206,14 @@ class WindowAttention(AttentionModule):
         gather, scatter, keep = self._layout(H, W, shift, x.device)
         nW = gather.numel() // N
 
-        tokens = x.reshape(B, H * W, C).index_select(1, gather)  # (B, nW*N, C)
+        # a plain partition is a permuted copy whose backward is a copy too; the gather
+        # (shift and/or padding) has an index scatter as backward, so it is used only
+        # where it saves a roll or a padded copy
+        plain = keep is None
+        if plain:
+            tokens = window_partition(x, self.window_size).view(B, nW * N, C)
+        else:
+            tokens = x.reshape(B, H * W, C).index_select(1, gather)  # (B, nW*N, C)
         qkv = self.qkv(tokens).view(B, nW, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, d)
         mask = self._bias_and_mask(keep, q.dtype)
@@ -220,7 +229,11 @@ class WindowAttention(AttentionModule):
                 q, k, v, mask, scale=self.scale, dropout_p=p, fused=False, return_weights=True
             )
             self.record(weights)  # (B, nW, heads, N, N)
-        out = out.transpose(2, 3).reshape(B, nW * N, C).index_select(1, scatter)
+        out = out.transpose(2, 3).reshape(B * nW, N, C)
+        if plain:
+            out = window_reverse(out, self.window_size, H, W).reshape(B, H * W, C)
+        else:
+            out = out.reshape(B, nW * N, C).index_select(1, scatter)
         return self.proj_drop(self.proj(out)).view(B, H, W, C)
 
     def _flex(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, key: tuple) -> Tensor:
