@@ -95,7 +95,7 @@ class WindowAttention(AttentionModule):
     by the model loaders.
 
     Fast path: pad, shift and partition are one ``index_select`` of the tokens (and one
-    back, which also crops); every window of the batch goes through one attention call
+    back, which also crops; without shift or padding, the plain partition); every window of the batch goes through one attention call
     (``functional.attention``) with the bias, shift mask and padding mask summed into
     one float mask of shape ``(nW, heads, N, N)``, broadcast over the batch (never
     repeated per image on CPU). Inference and CUDA use ``F.scaled_dot_product_attention``;
