@@ -28,3 +28,12 @@ def cli():
     return run_cli
 
 
+@pytest.fixture
+def one_thread():
+    """Small shapes gain nothing from a thread pool; one thread avoids its barriers on a
+    shared machine. The previous count is restored. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

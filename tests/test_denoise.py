@@ -20,15 +20,7 @@ from spatial_attention.errors import UsageError
 from spatial_attention.images import builtin_images
 from spatial_attention.models import create_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small shapes gain nothing from a thread pool; one thread avoids its barriers on a
-    shared machine. The previous count is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_psnr_known_value():

@@ -13,15 +13,7 @@ from spatial_attention.layers.subspace import (
     subspace_project,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small shapes gain nothing from a thread pool; one thread avoids its barriers on a
-    shared machine. The previous count is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 6, 5), (1, 16, 9, 7), (3, 5, 2, 4)])

@@ -14,15 +14,7 @@ from spatial_attention.models.nbnet import (
     read_megengine_pickle,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small shapes gain nothing from a thread pool; one thread avoids its barriers on a
-    shared machine. The previous count is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_shapes(in_chn=3, wf=32, depth=5, K=16, mid=128):

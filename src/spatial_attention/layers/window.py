@@ -94,14 +94,15 @@ class WindowAttention(AttentionModule):
     index is a non-persistent buffer (as in timm), official checkpoints' copy is dropped
     by the model loaders.
 
-    Fast path: pad, shift and partition are one ``index_select`` of the tokens (and one
-    back, which also crops; without shift or padding, the plain partition); every window of the batch goes through one attention call
-    (``functional.attention``) with the bias, shift mask and padding mask summed into
-    one float mask of shape ``(nW, heads, N, N)``, broadcast over the batch (never
-    repeated per image on CPU). Inference and CUDA use ``F.scaled_dot_product_attention``;
-    CPU training, where the fused kernel has no gradient for the learned bias, uses the
-    lean four-kernel sequence of ``functional.scoring``. Explicit path: the same scores
-    written out, with the weights recorded for capture.
+    Fast path: pad, shift and partition are one ``index_select`` of the tokens, and one
+    more undoes them and crops (without shift or padding, the plain partition is used).
+    Every window of the batch goes through one attention call (``functional.attention``)
+    with the bias, shift mask and padding mask summed into one float mask of shape
+    ``(nW, heads, N, N)``, broadcast over the batch (never repeated per image on CPU).
+    Inference and CUDA use ``F.scaled_dot_product_attention``; CPU training, where the
+    fused kernel has no gradient for the learned bias, uses the lean four-kernel sequence
+    of ``functional.scoring``. Explicit path: the same scores written out, with the
+    weights recorded for capture.
 
     ``attn.flex = True`` switches inference (eval mode) to FlexAttention: one call per
     image over all its windows, block mask and bias lookup instead of a materialised
