@@ -139,3 +139,34 @@ def test_wrong_channels_name_the_mechanism():
     with pytest.raises(ValueError, match="bilateral_local_attention"):
         sa.create("bilateral_local_attention", 16, 2)(torch.randn(1, 4, 4, 8))
     assert F is not None
+
+
+@pytest.mark.parametrize("size", [(13, 11), (14, 14), (28, 14)])
+def test_fast_gather_backward_equals_the_plain_gather(size, monkeypatch):
+    """The custom backward of the leaf gather (slots -> rows by a second gather) gives
+    the gradients autograd derives for the plain index_select path: an unpaired partial
+    last leaf (3 leaves), two and four sibling pairs."""
+    from spatial_attention.layers import bilateral
+
+    calls = []
+    apply = bilateral._LeafGather.apply
+    monkeypatch.setattr(bilateral._LeafGather, "apply",
+                        lambda *a: calls.append(1) or apply(*a))
+
+    torch.manual_seed(0)
+    m = sa.create("fsla", 16, 2).double()  # g = 49, overlap 20
+    x = torch.randn(2, *size, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, *size, 16, dtype=torch.float64)
+
+    def grads():
+        m.zero_grad()
+        x.grad = None
+        (m(x) * w).sum().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+
+    fast = grads()
+    assert calls, "the fast gather was not used"
+    monkeypatch.setattr(bilateral, "exporting_graph", lambda: True)  # forces the plain gather
+    plain = grads()
+    for a, b in zip(fast, plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

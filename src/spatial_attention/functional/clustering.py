@@ -42,7 +42,7 @@ __all__ = ["num_levels", "balanced_binary_clustering", "inverse_permutation"]
 
 def num_levels(num_tokens: int, group_size: int) -> int:
     """Levels ``L`` of binary splits so that ``2^L`` groups of ``group_size`` hold the tokens."""
-    groups = max(1, -(-num_tokens // group_size))
+    groups = max(1, (num_tokens + group_size - 1) // group_size)
     return math.ceil(math.log2(groups)) if groups > 1 else 0
 
 

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..tracing import building_graph
+
 __all__ = ["ChannelMLP", "SpatialConvBN", "cbam_gates", "channel_shuffle", "fused_path_applies"]
 
 
@@ -131,7 +133,7 @@ def fused_path_applies(x: Tensor, params: Sequence[Tensor]) -> bool:
         return False
     if not (x.requires_grad or any(p.requires_grad for p in params)):
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if building_graph():
         return False  # compilers and exporters trace the plain ops and fuse them themselves
     return not torch.is_autocast_enabled(x.device.type)
 

@@ -10,9 +10,14 @@ the padded tokens out of every softmax, so padding never changes a real token's 
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..tracing import building_graph
+from .permute import inverse_index
 
 __all__ = [
     "to_2tuple",
@@ -25,6 +30,8 @@ __all__ = [
     "shifted_window_mask",
     "window_attention_mask",
     "window_token_index",
+    "WindowLayout",
+    "window_layout",
     "effective_shift",
 ]
 
@@ -224,3 +231,47 @@ def window_token_index(
     offset = (i % mh)[:, None] * mw + (j % mw)[None, :]
     scatter = (window * (mh * mw) + offset).reshape(-1)
     return gather, scatter
+
+
+class WindowLayout(NamedTuple):
+    """Everything a windowed layer needs to move one map size in and out of windows.
+
+    ``gather`` ``(nW*N,)`` and ``scatter`` ``(H*W,)``: :func:`window_token_index`.
+    ``unscatter`` ``(nW*N,)``: the token each slot holds, ``H*W`` for padding slots; the
+    inverse that :func:`~spatial_attention.functional.permute.permute_rows` needs to
+    return ``windows[:, scatter]``'s gradient to the slots (padding slots get zero).
+    ``keep`` ``(nW, N, N)`` or None: :func:`window_attention_mask`. ``padded``: whether
+    the map needed padding (``unscatter`` holds ``H*W`` somewhere).
+    """
+
+    gather: Tensor
+    scatter: Tensor
+    unscatter: Tensor
+    keep: Tensor | None
+    padded: bool
+
+
+def window_layout(
+    height: int,
+    width: int,
+    window_size: int | tuple[int, int],
+    shift: tuple[int, int],
+    device: torch.device | None = None,
+    cache: dict[Any, WindowLayout] | None = None,
+) -> WindowLayout:
+    """:class:`WindowLayout` of an ``H x W`` map, kept in ``cache`` (a layer's dict,
+    bounded at 16 sizes for multi-scale training) except while a graph is being built,
+    where it is computed inline so that the graph holds it."""
+    key = (height, width, to_2tuple(window_size), shift, device)
+    tracing = building_graph()
+    if cache is not None and not tracing and key in cache:
+        return cache[key]
+    gather, scatter = window_token_index(height, width, window_size, shift, device)
+    keep, pad_h, pad_w = window_attention_mask(height, width, window_size, shift, device)
+    unscatter = inverse_index(scatter, gather.numel())
+    layout = WindowLayout(gather, scatter, unscatter, keep, bool(pad_h or pad_w))
+    if cache is not None and not tracing:
+        if len(cache) > 16:
+            cache.clear()
+        cache[key] = layout
+    return layout

@@ -18,12 +18,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..checks import check_divisible, check_positive, check_probability
 from ..functional.clustering import balanced_binary_clustering, inverse_permutation
+from ..functional.permute import permute_rows
 from ..functional.scoring import attention
 from ..registry import register
+from ..tracing import exporting_graph
 from .base import AttentionModule
 from .window import WindowAttention
 
@@ -31,7 +35,8 @@ __all__ = ["FeatureSpaceLocalAttention", "BilateralLocalAttention", "fsla_key_po
 
 
 def fsla_key_positions(
-    num_tokens: int, group_size: int, overlap: int, device: torch.device | None = None
+    num_tokens: int, group_size: int, overlap: int, device: torch.device | None = None,
+    leaves: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Which slots of the clustered order each leaf reads as keys, and which are real.
 
@@ -41,9 +46,12 @@ def fsla_key_positions(
     the sibling's tokens nearest the cut. Returns ``(positions, valid)``, both ``(nG, g +
     overlap)`` with ``nG = ceil(N / g)``; ``valid`` is False on padding slots (``>= N``),
     which include a missing sibling (a single leaf, or an unpaired last leaf).
+    ``leaves`` asks for more rows than ``nG`` (the fast path computes the padding
+    sibling of an unpaired last leaf too, and discards its output).
     """
     g, o = group_size, overlap
-    groups = max(1, -(-num_tokens // g))
+    groups = max(1, (num_tokens + g - 1) // g)  # not -(-a // b): traced ints truncate
+    groups = groups if leaves is None else leaves
     leaf = torch.arange(groups, device=device)[:, None]
     own = leaf * g + torch.arange(g, device=device)
     odd = leaf % 2
@@ -53,9 +61,71 @@ def fsla_key_positions(
     return positions, positions < num_tokens
 
 
-def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """``x (B, h, N, d)`` at token indices ``(B, h, M)`` -> ``(B, h, M, d)``."""
-    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
+def _leaf_keys(t: Tensor, num_leaves: int, g: int, o: int) -> Tensor:
+    """Keys (or values) of every leaf: its own ``g`` slots, then ``o`` of its sibling's.
+
+    ``t`` ``(2, B, h, S, d)`` (keys and values) in clustered order; returns ``(2, B,
+    h * nG, g + o, d)`` in :func:`fsla_key_positions`' order. A sibling pair's ``2g`` slots are
+    contiguous, so each leaf's keys are two slices of them: a view and one copy of the
+    ``o``-slot parts, no index. A missing sibling reads zeros (masked by the caller).
+    """
+    two, B, h, S, d = t.shape
+    if o == 0:
+        return t[:, :, :, : num_leaves * g].reshape(two, B, h * num_leaves, g, d)
+    pairs = (num_leaves + 1) // 2
+    if S < 2 * pairs * g:
+        t = F.pad(t, (0, 0, 0, 2 * pairs * g - S))
+    t = t[:, :, :, : 2 * pairs * g].reshape(two, B, h, pairs, 2, g, d)
+    sibling = torch.stack((t[:, :, :, :, 1, :o], t[:, :, :, :, 0, g - o:]), dim=4)
+    keys = torch.cat((t, sibling), dim=5).reshape(two, B, h, 2 * pairs, g + o, d)
+    return keys[:, :, :, :num_leaves].reshape(two, B, h * num_leaves, g + o, d)
+
+
+class _LeafGather(torch.autograd.Function):
+    """Rows of ``qkv`` -> the leaves' queries ``(B, h*L, g, d)`` and keys and values
+    ``(B, h*L, g+o, d)``, with a backward that gathers instead of scattering.
+
+    Forward: one ``index_select`` of the q, k and v rows of every slot (a permutation of
+    the rows, padding slots aside), then :func:`_leaf_keys`. Backward: the leaves'
+    gradients are laid back into slots (the own part copied, each overlap part added to
+    the sibling slots it came from, two strided adds) and one gather by ``inverse`` (each
+    row's slot) returns them to rows. Padding slots' gradients are zero (their queries
+    are discarded, their keys masked), so no row needs more than its own slot. Needs
+    ``L`` even when ``o > 0``.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, index: Tensor, inverse: Tensor, shape: tuple):  # noqa: ANN001
+        B, h, L, g, o = shape
+        d = rows.shape[-1]
+        picked = rows.index_select(0, index).view(3, B, h, L * g, d)
+        k, v = _leaf_keys(picked[1:], L, g, o).unbind(0)
+        ctx.save_for_backward(inverse)
+        ctx.shape = shape
+        return picked[0].reshape(B, h * L, g, d), k, v
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):  # noqa: ANN001, ANN205
+        (inverse,) = ctx.saved_tensors
+        B, h, L, g, o = ctx.shape
+        ref = next(t for t in (dq, dk, dv) if t is not None)
+        d = ref.shape[-1]
+        grad = ref.new_zeros(3, B, h, L, g, d) if None in (dq, dk, dv) else \
+            ref.new_empty(3, B, h, L, g, d)
+        if dq is not None:
+            grad[0] = dq.view(B, h, L, g, d)
+        for i, dt in ((1, dk), (2, dv)):
+            if dt is None:
+                continue
+            dt = dt.view(B, h, L, g + o, d)
+            grad[i] = dt[..., :g, :]
+            if o:
+                pair = dt.view(B, h, L // 2, 2, g + o, d)
+                slots = grad[i].view(B, h, L // 2, 2, g, d)
+                slots[:, :, :, 1, :o] += pair[:, :, :, 0, g:]  # leaf 2i read 2i+1's first o
+                slots[:, :, :, 0, g - o:] += pair[:, :, :, 1, g:]  # 2i+1 read 2i's last o
+        return grad.view(-1, d).index_select(0, inverse), None, None, None
 
 
 @register(
@@ -165,29 +235,32 @@ class FeatureSpaceLocalAttention(AttentionModule):
         q = qkv.view(B, N, 3, h, dh)[:, :, 0].transpose(1, 2)  # (B, h, N, dh)
         perm = balanced_binary_clustering(q, g, iters=self.iters, temperature=self.temperature)
 
-        positions, valid = fsla_key_positions(N, g, o, device=x.device)  # (nG, g+o)
-        nG, slots = positions.shape[0], perm.shape[-1]
-        # slot -> token; padding slots point at token N-1 and are masked (or discarded)
-        q_tok = perm[..., : nG * g].clamp(max=N - 1)
-        k_tok = perm[..., positions.clamp(max=slots - 1).flatten()].clamp(max=N - 1)
-        sample = torch.arange(B, device=x.device).view(B, 1, 1)
+        nG = max(1, (N + g - 1) // g)  # leaves holding real tokens
+        # leaves computed: an unpaired last leaf brings its (padding) sibling along, so
+        # every leaf's keys are two slices of its pair (see _leaf_keys)
+        L = nG + nG % 2 if (o > 0 and nG > 1) else nG
+        _, valid = fsla_key_positions(N, g, o, device=x.device, leaves=L)  # (L, g+o)
+        tok = perm[..., : L * g].clamp(max=N - 1)  # padding slots read token N-1 (unused)
+        inv = inverse_permutation(perm)[..., :N]  # (B, h, N): each token's slot
+        sample = torch.arange(B, device=x.device).view(1, B, 1, 1)
+        which = torch.arange(3, device=x.device).view(3, 1, 1, 1)
         head = torch.arange(h, device=x.device).view(1, h, 1)
-
-        def rows_of(tok: Tensor, which: int) -> Tensor:
-            return (((sample * N + tok) * 3 + which) * h + head).flatten()
-
-        # one gather for q, k and v together, so the backward scatters into one buffer
-        sizes = (B * h * nG * g, B * h * nG * (g + o), B * h * nG * (g + o))
-        picked = rows.index_select(0, torch.cat([rows_of(q_tok, 0), rows_of(k_tok, 1),
-                                                 rows_of(k_tok, 2)]))
-        qg, kg, vg = picked.split(sizes)
-        qg = qg.view(B, h * nG, g, dh)
-        kg, vg = kg.view(B, h * nG, g + o, dh), vg.view(B, h * nG, g + o, dh)
+        index = ((sample * N + tok) * 3 + which) * h + head  # (3, B, h, L*g) -> rows
+        if lone or not (torch.is_grad_enabled() and rows.requires_grad) or exporting_graph():
+            picked = rows.index_select(0, index.flatten()).view(3, B, h, L * g, dh)
+            qg = picked[0].reshape(B, h * L, g, dh)
+            kg, vg = _leaf_keys(picked[1:], L, g, o).unbind(0)  # (B, h*L, g+o, dh) each
+        else:
+            # row (b, n, w, head) sits in exactly one real slot of the gather
+            inverse = ((which.view(1, 1, 3, 1) * B + sample.view(B, 1, 1, 1)) * h
+                       + head.view(1, 1, 1, h)) * (L * g) + inv.transpose(1, 2)[:, :, None, :]
+            qg, kg, vg = _LeafGather.apply(rows, index.flatten(), inverse.flatten(),
+                                           (B, h, L, g, o))
         mask = None
         if self.pair_batch and lone and o > 0:
             kg, vg = self._pair_images(kg, vg)
-        elif N % g or (nG % 2 and o):  # a partial leaf or a leaf without sibling
-            mask = valid.repeat(h, 1)[None, :, None, :]  # (1, h*nG, 1, g+o)
+        elif L * g > N or (o > 0 and L == 1):  # padding slots or a missing sibling
+            mask = valid.repeat(h, 1)[None, :, None, :]  # (1, h*L, 1, g+o)
 
         p = self.attn_drop if self.training else 0.0
         if self.use_fused:
@@ -195,14 +268,18 @@ class FeatureSpaceLocalAttention(AttentionModule):
         else:
             out, weights = attention(qg, kg, vg, mask, scale=self.scale, dropout_p=p,
                                      fused=False, return_weights=True)
-            self.record(weights.view(B, h, nG, g, g + o))
-
-        inv = inverse_permutation(perm)[..., :N]  # (B, h, N): each token's slot
-        if not self.use_fused:
+            self.record(weights.view(B, h, L, g, g + o)[:, :, :nG])
             self.record((inv // g).view(B, h, H, W))
-        # back to token order, rows laid out (sample, token, head) so heads concatenate
-        index = ((sample * h + head) * (nG * g) + inv).transpose(1, 2)
-        out = out.reshape(B * h * nG * g, dh).index_select(0, index.flatten()).view(B, N, C)
+
+        # back to token order, rows laid out (sample, token, head) so heads concatenate;
+        # backward: slot (b, head, s) reads the gradient of token perm[s] (none if padding)
+        sample, head = sample.view(B, 1, 1), head.view(1, h, 1)
+        index = ((sample * h + head) * (L * g) + inv).transpose(1, 2)  # (B, N, h)
+        real = perm[..., : L * g]
+        inverse = torch.where(real < N, (sample * N + real.clamp(max=N - 1)) * h + head,
+                              B * N * h)
+        out = permute_rows(out.reshape(B * h * L * g, dh), 0, index.flatten(),
+                           inverse.flatten(), zero_row=L * g > N).view(B, N, C)
         # the reference adds a depthwise 3x3 conv of the values, in image layout
         v_img = qkv.view(B, H, W, 3, C)[:, :, :, 2].contiguous().permute(0, 3, 1, 2)
         local = self.get_v(v_img).permute(0, 2, 3, 1).reshape(B, N, C)

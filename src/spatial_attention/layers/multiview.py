@@ -47,14 +47,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_divisible, check_positive, check_probability
+from ..functional.permute import permute_rows
 from ..functional.position import relative_position_index
 from ..functional.scoring import additive_mask, attention
-from ..functional.windows import (
-    effective_shift,
-    to_2tuple,
-    window_attention_mask,
-    window_token_index,
-)
+from ..functional.windows import WindowLayout, effective_shift, to_2tuple, window_layout
 from ..registry import register
 from .base import AttentionModule
 from .window import WindowAttention, window_sdpa
@@ -242,7 +238,7 @@ class MultiViewWindowAttention(AttentionModule):
                              log_spaced_relative_coords(self.window_size, pre), persistent=False)
         self.register_buffer("relative_position_index",
                              relative_position_index(self.window_size), persistent=False)
-        self._layouts: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor | None]] = {}
+        self._layouts: dict[tuple[Any, ...], WindowLayout] = {}
         self.reset_parameters()
 
     def reset_parameters(self, std: float | None = None) -> None:
@@ -310,24 +306,6 @@ class MultiViewWindowAttention(AttentionModule):
             raise ValueError(f"{name}: got an empty tensor of shape {tuple(x.shape)}")
         return x, stacked
 
-    # -- cached token layout of one map size --------------------------------------------
-    def _layout(
-        self, height: int, width: int, shift: tuple[int, int], device: torch.device
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        key = (height, width, shift, device)
-        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
-        cached = None if tracing else self._layouts.get(key)
-        if cached is not None:
-            return cached
-        gather, scatter = window_token_index(height, width, self.window_size, shift, device)
-        keep, _, _ = window_attention_mask(height, width, self.window_size, shift, device)
-        result = (gather, scatter, keep)
-        if not tracing:
-            if len(self._layouts) > 16:
-                self._layouts.clear()
-            self._layouts[key] = result
-        return result
-
     # -- pieces ---------------------------------------------------------------------------
     def _per_view_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``(B, V, T, Cin) -> (B, V, T, Cout)`` with view ``v``'s (or the shared) weight."""
@@ -373,10 +351,13 @@ class MultiViewWindowAttention(AttentionModule):
         mh, mw = self.window_size
         N = mh * mw
         shift = effective_shift(H, W, self.window_size, self.shift)
-        gather, scatter, keep = self._layout(H, W, shift, x.device)
-        nW = gather.numel() // N
+        layout = window_layout(H, W, self.window_size, shift, x.device, self._layouts)
+        keep = layout.keep
+        nW = layout.gather.numel() // N
 
-        tokens = x.reshape(B, V, H * W, C).index_select(2, gather)  # (B, V, nW*N, C)
+        # one gather (pad + shift + partition) whose backward is a gather too; padding
+        # slots read token 0, their queries are dropped and their keys masked
+        tokens = permute_rows(x.reshape(B, V, H * W, C), 2, layout.gather, layout.scatter)
         qkv = self._per_view_linear(tokens, self.qkv_weight, self._qkv_bias())
         q, k, v = qkv.view(B, V, nW, N, 3, h, d).permute(4, 0, 1, 2, 5, 3, 6).unbind(0)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)  # each (B, V, nW, h, N, d)
@@ -406,7 +387,8 @@ class MultiViewWindowAttention(AttentionModule):
                 K = weights.shape[-1] // N  # views whose keys were attended
                 self.record(weights.view(B, V, nW, h, N, K, N).permute(0, 1, 2, 5, 3, 4, 6))
 
-        out = out.transpose(3, 4).reshape(B, V, nW * N, C).index_select(2, scatter)
+        out = permute_rows(out.transpose(3, 4).reshape(B, V, nW * N, C), 2, layout.scatter,
+                           layout.unscatter, zero_row=layout.padded)
         out = self.proj_drop(self._per_view_linear(out, self.proj_weight, self.proj_bias))
         out = out.view(B, V, H, W, C)
         return out if stacked else out.unbind(1)

@@ -23,15 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_divisible, check_positive, check_probability
+from ..functional.permute import permute_rows
 from ..functional.position import relative_position_bias, relative_position_index
 from ..functional.scoring import additive_mask, attention
 from ..functional.windows import (
+    WindowLayout,
     effective_shift,
     to_2tuple,
-    window_attention_mask,
+    window_layout,
     window_partition,
     window_reverse,
-    window_token_index,
 )
 from ..registry import register
 from .base import AttentionModule
@@ -157,7 +158,7 @@ class WindowAttention(AttentionModule):
             )
         else:
             self.relative_position_bias_table = None
-        self._layouts: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor | None]] = {}
+        self._layouts: dict[tuple[Any, ...], WindowLayout] = {}
         #: opt-in FlexAttention inference path (see :func:`_window_flex`)
         self.flex = False
         self._block_masks: dict[tuple[Any, ...], Any] = {}
@@ -168,23 +169,6 @@ class WindowAttention(AttentionModule):
             f"shift_size={self.shift_size}, "
             f"position_bias={self.relative_position_bias_table is not None}"
         )
-
-    # -- the token layout of one map size (cached; rebuilt inline while tracing) ------
-    def _layout(
-        self, height: int, width: int, shift: tuple[int, int], device: torch.device
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        key = (height, width, shift, device)
-        cached = self._layouts.get(key) if not _tracing() else None
-        if cached is not None:
-            return cached
-        gather, scatter = window_token_index(height, width, self.window_size, shift, device)
-        keep, _, _ = window_attention_mask(height, width, self.window_size, shift, device)
-        result = (gather, scatter, keep)
-        if not _tracing():
-            if len(self._layouts) > 16:  # many sizes (multi-scale training): keep it bounded
-                self._layouts.clear()
-            self._layouts[key] = result
-        return result
 
     def _bias_and_mask(self, keep: Tensor | None, dtype: torch.dtype) -> Tensor | None:
         """``(nW | 1, heads, N, N)`` float mask: position bias + shift/padding mask."""
@@ -204,17 +188,19 @@ class WindowAttention(AttentionModule):
         mh, mw = self.window_size
         N = mh * mw
         shift = effective_shift(H, W, self.window_size, self.shift_size)
-        gather, scatter, keep = self._layout(H, W, shift, x.device)
-        nW = gather.numel() // N
+        layout = window_layout(H, W, self.window_size, shift, x.device, self._layouts)
+        keep = layout.keep
+        nW = layout.gather.numel() // N
 
-        # a plain partition is a permuted copy whose backward is a copy too; the gather
-        # (shift and/or padding) has an index scatter as backward, so it is used only
-        # where it saves a roll or a padded copy
+        # a plain partition is a permuted copy whose backward is a copy too; with a shift
+        # and/or padding, one gather (whose backward is a gather as well) saves a roll and
+        # a padded copy
         plain = keep is None
         if plain:
             tokens = window_partition(x, self.window_size).view(B, nW * N, C)
         else:
-            tokens = x.reshape(B, H * W, C).index_select(1, gather)  # (B, nW*N, C)
+            # padding slots read token 0: their queries are dropped, their keys masked
+            tokens = permute_rows(x.reshape(B, H * W, C), 1, layout.gather, layout.scatter)
         qkv = self.qkv(tokens).view(B, nW, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, d)
         mask = self._bias_and_mask(keep, q.dtype)
@@ -234,7 +220,8 @@ class WindowAttention(AttentionModule):
         if plain:
             out = window_reverse(out, self.window_size, H, W).reshape(B, H * W, C)
         else:
-            out = out.reshape(B, nW * N, C).index_select(1, scatter)
+            out = permute_rows(out.reshape(B, nW * N, C), 1, layout.scatter,
+                               layout.unscatter, zero_row=layout.padded)
         return self.proj_drop(self.proj(out)).view(B, H, W, C)
 
     def _flex(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, key: tuple) -> Tensor:
@@ -319,10 +306,6 @@ def _flex_attention(device: torch.device):
     if "cuda" not in _COMPILED_FLEX:
         _COMPILED_FLEX["cuda"] = torch.compile(flex_attention, dynamic=False)
     return _COMPILED_FLEX["cuda"]
-
-
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def window_sdpa(
