@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--normalize", choices=["channel", "none"], default="channel",
+                   help="channel: subtract the training images' per-channel mean and divide "
+                   "by their std (default); none: pixels / 255 as the reference feeds them")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/workspace_study/results.jsonl")
@@ -75,15 +78,35 @@ def summarize(paths) -> str:
     return "\n".join(out)
 
 
+class Pixels:
+    """uint8 images -> model input: ``/ 255``, then (``channel``) the training set's
+    per-channel standardisation. On the white canvas the raw ``[0, 1]`` input makes every
+    patch token nearly the same vector; the CPU pilots with it never left the
+    question-only plateau (see workspace.md), standardised ones did."""
+
+    def __init__(self, train_images, mode: str) -> None:
+        self.mean = self.std = None
+        if mode == "channel":
+            x = train_images.float().div_(255)
+            self.mean = x.mean((0, 2, 3), keepdim=True)
+            self.std = x.std((0, 2, 3), keepdim=True)
+
+    def __call__(self, images, device):
+        x = images.to(device).float().div_(255)
+        if self.mean is not None:
+            x = (x - self.mean.to(device)) / self.std.to(device)
+        return x
+
+
 @torch.no_grad()
-def evaluate(model, data, device, batch_size=500) -> dict:
+def evaluate(model, data, device, pixels, batch_size=500) -> dict:
     model.eval()
     index, questions, answers, kinds = data.flat()
     subtypes = data.subtypes.reshape(-1)
     correct = torch.zeros_like(answers, dtype=torch.bool)
     for s in range(0, len(index), batch_size):
         sl = slice(s, s + batch_size)
-        images = data.images[index[sl]].to(device).float().div_(255)
+        images = pixels(data.images[index[sl]], device)
         logits = model(images, questions[sl].to(device))
         correct[sl] = logits.argmax(-1).cpu() == answers[sl]
     result = {"overall": correct.float().mean().item()}
@@ -100,6 +123,7 @@ def evaluate(model, data, device, batch_size=500) -> dict:
 
 
 def run_model(name, args, train, test, out) -> None:
+    pixels = Pixels(train.images, args.normalize)
     torch.manual_seed(args.seed)
     kwargs = dict(dim=args.dim, ffn_dim=args.ffn_dim, depth=args.depth, num_heads=args.heads,
                   dropout=args.dropout)
@@ -122,7 +146,7 @@ def run_model(name, args, train, test, out) -> None:
         if step and pos == 0:
             order = torch.randperm(n, generator=gen)
         b = order[pos : pos + args.batch_size]
-        images = train.images[index[b]].to(args.device).float().div_(255)
+        images = pixels(train.images[index[b]], args.device)
         loss = F.cross_entropy(model(images, questions[b].to(args.device)),
                                answers[b].to(args.device))
         opt.zero_grad(set_to_none=True)
@@ -133,7 +157,7 @@ def run_model(name, args, train, test, out) -> None:
         minutes = (time.perf_counter() - start) / 60
         out_of_time = args.max_minutes is not None and minutes >= args.max_minutes
         if step % eval_every == 0 or step == total or out_of_time:
-            acc = evaluate(model, test, args.device)
+            acc = evaluate(model, test, args.device, pixels)
             row = {
                 "model": name, "params": params, "step": step,
                 "epochs": round(step / steps_per_epoch, 3),
