@@ -242,3 +242,26 @@ def test_mechanism_without_spatial_map_is_a_usage_error(monkeypatch):
     with pytest.raises(UsageError, match="has no spatial map.*channel attention"):
         viz.attention_map("test_channel_gate", np.zeros((16, 16, 3), np.uint8), channels=4,
                           grid=4)
+
+
+@pytest.mark.parametrize("name", ["multi_view_window_attention", "multi_view_concat_attention"])
+def test_multi_view_maps_cover_every_view_pair(name):
+    """Two views (the image and its mirror): a map for every (query view, key view)."""
+    image = load_image("builtin:astronaut", size=48)
+    views, maps = viz.multi_view_maps(name, image, channels=32, grid=12)
+    assert [label for label, _ in views] == ["image", "mirrored"]
+    assert np.array_equal(views[1][1], viz.to_float_image(image)[:, ::-1])
+    assert sorted(maps) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for m in maps.values():
+        assert m.shape == (12, 12) and m.min() >= 0.0 and m.max() <= 1.0
+    # single-view mechanisms are not multi-view
+    with pytest.raises(UsageError, match="single view"):
+        viz.multi_view_maps("window_attention", image, channels=32, grid=12)
+
+
+def test_cli_viz_multi_view_writes_a_png(tmp_path):
+    proc = _cli("multi_view_window_attention", "--out", "mv.png", "--size", "64",
+                "--grid", "8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "mv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "2 views" in proc.stdout

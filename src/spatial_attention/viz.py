@@ -335,6 +335,84 @@ def _layout_input(features: Tensor, layout: str) -> Tensor:
     return features.flatten(2).transpose(1, 2).contiguous()  # (B, H*W, C), row-major
 
 
+#: the views a multi-view mechanism is shown: the image, then mirrored copies of it
+_VIEW_TRANSFORMS = (("image", lambda a: a), ("mirrored", np.fliplr), ("flipped", np.flipud),
+                    ("rotated 180", lambda a: np.flipud(np.fliplr(a))))
+
+
+def _view_images(image: np.ndarray, views: int) -> list[tuple[str, np.ndarray]]:
+    if views > len(_VIEW_TRANSFORMS):
+        raise UsageError(f"viz shows at most {len(_VIEW_TRANSFORMS)} views, got {views}")
+    return [(label, np.ascontiguousarray(f(image))) for label, f in _VIEW_TRANSFORMS[:views]]
+
+
+def _build(name: str, channels: int, grid: int, seed: int, image: Any):
+    """The seeded example module, its inputs, and the image fed in their place: ``(module,
+    fed inputs, (h, w), view images)``; a stack of views ``(1, V, h, w, C)`` in the
+    tokens layout gets the image and mirrored copies of it (``view images`` lists them;
+    one entry for a single-view mechanism)."""
+    entry = registry.info(name)
+    features = image_features(image, channels=channels, grid=grid, seed=seed)
+    h, w = features.shape[-2:]
+    feed = _layout_input(features, entry.layout)
+    # The example draws random weights and inputs; fork the RNG so they follow ``seed``
+    # without disturbing the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module, inputs = entry.cls.example(name, 1, channels, (h, w))
+    module.eval()
+    inputs = tuple(inputs)
+    views = [("image", to_float_image(image))]
+    fed = []
+    for t in inputs:
+        if isinstance(t, Tensor) and t.shape == feed.shape:
+            t = feed.to(t.dtype)
+        elif (isinstance(t, Tensor) and entry.layout == "tokens" and t.dim() == 5
+              and t.shape[0] == 1 and t.shape[2:] == feed.shape[1:]):
+            views = _view_images(to_float_image(image), t.shape[1])
+            t = torch.cat([_layout_input(image_features(v, channels, grid, seed), "tokens")
+                           for _, v in views]).unsqueeze(0).to(t.dtype)
+        fed.append(t)
+    if not any(a is not b for a, b in zip(fed, inputs, strict=True)):
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, Tensor))
+        raise UsageError(
+            f"{name}: none of its example inputs ({shapes}) is a {h}x{w} grid of {channels} "
+            f"channels in its {entry.layout} layout {registry.LAYOUTS[entry.layout]}"
+        )
+    return module, fed, (h, w), views
+
+
+def multi_view_maps(
+    name: str, image: Any, *, channels: int = 64, grid: int = 32, seed: int = 0
+) -> tuple[list[tuple[str, np.ndarray]], dict[tuple[int, int], np.ndarray]]:
+    """A multi-view mechanism on the image and its mirrored copies, one view each.
+
+    Returns ``(views, maps)``: ``views`` the ``(label, image)`` of every view, ``maps``
+    ``(v, u) -> (h, w)`` in [0, 1], the attention view ``v``'s queries pay to view
+    ``u``'s positions (the recording class's ``view_maps``; the mean over calls).
+
+    Raises:
+        UsageError: the mechanism takes no stack of views or records no view pairs.
+    """
+    module, fed, (h, w), views = _build(name, channels, grid, seed, image)
+    if len(views) < 2:
+        raise UsageError(f"{name} takes a single view; use mechanism_maps")
+    with torch.no_grad(), capture_attention(module) as records:
+        module(*fed)
+    owners = dict(module.named_modules())
+    collected: dict[tuple[int, int], list[np.ndarray]] = {}
+    for rec_name in records:
+        reader = type(owners.get(rec_name, module))
+        if not hasattr(reader, "view_maps"):
+            continue
+        for weights in records.calls(rec_name):
+            for pair, m in reader.view_maps(weights, (h, w)).items():
+                collected.setdefault(pair, []).append(normalize_map(m[0]))
+    if not collected:
+        raise UsageError(f"{name} recorded no per-view maps")
+    return views, {k: normalize_map(np.mean(v, axis=0)) for k, v in collected.items()}
+
+
 def mechanism_maps(
     name: str, image: Any, *, channels: int = 64, grid: int = 32, seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -352,26 +430,7 @@ def mechanism_maps(
         UsageError: the mechanism records nothing that converts to a spatial map.
     """
     entry = registry.info(name)
-    features = image_features(image, channels=channels, grid=grid, seed=seed)
-    h, w = features.shape[-2:]
-    feed = _layout_input(features, entry.layout)
-    # The example draws random weights and inputs; fork the RNG so they follow ``seed``
-    # without disturbing the caller's random state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module, inputs = entry.cls.example(name, 1, channels, (h, w))
-    module.eval()
-    inputs = tuple(inputs)
-    fed = [
-        feed.to(t.dtype) if isinstance(t, Tensor) and t.shape == feed.shape else t
-        for t in inputs
-    ]
-    if not any(a is not b for a, b in zip(fed, inputs, strict=True)):
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, Tensor))
-        raise UsageError(
-            f"{name}: none of its example inputs ({shapes}) is a {h}x{w} grid of {channels} "
-            f"channels in its {entry.layout} layout {registry.LAYOUTS[entry.layout]}"
-        )
+    module, fed, (h, w), _ = _build(name, channels, grid, seed, image)
     with torch.no_grad(), capture_attention(module) as records:
         module(*fed)
 
@@ -459,6 +518,8 @@ def run(args: argparse.Namespace) -> int:
     _colormap(args.cmap)
     image = load_image(args.image, size=args.size)
     out = Path(args.out or f"{args.name}_attention.png")
+    if hasattr(registry.info(args.name).cls, "view_maps"):
+        return _run_multi_view(args, image, out)
 
     maps = mechanism_maps(args.name, image, channels=args.channels, grid=args.grid,
                           seed=args.seed)
@@ -487,4 +548,38 @@ def run(args: argparse.Namespace) -> int:
     path = _save_figure(fig, out)
     sources = ", ".join(k or args.name for k in maps)
     print(f"wrote {path} ({args.name} on {label}, {h}x{w} map from {sources})")
+    return 0
+
+
+def _run_multi_view(args: argparse.Namespace, image: np.ndarray, out: Path) -> int:
+    """One row per query view: the view, then its attention over every view's positions."""
+    views, maps = multi_view_maps(args.name, image, channels=args.channels, grid=args.grid,
+                                  seed=args.seed)
+    V = len(views)
+    H, W = image.shape[:2]
+    panel = 2.6
+    fig = _figure(((V + 1) * panel * W / max(H, W) + 0.9, V * panel * H / max(H, W) + 0.8))
+    axes = np.asarray(fig.subplots(V, V + 1)).reshape(V, V + 1)
+    for v, (label, view) in enumerate(views):
+        axes[v, 0].imshow(view)
+        axes[v, 0].set_title(f"view {v}: {label}", fontsize=8)
+        for u, (_, key_view) in enumerate(views):
+            ax = axes[v, u + 1]
+            if (v, u) in maps:
+                ax.imshow(overlay(key_view, maps[(v, u)], alpha=args.alpha, cmap=args.cmap))
+                kind = "own (mixed)" if u == v else "cross"
+                ax.set_title(f"view {v} -> view {u}: {kind}", fontsize=8)
+            else:
+                ax.imshow(key_view)
+                ax.set_title(f"view {v} -> view {u}: not attended", fontsize=8)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    mpl = _matplotlib()
+    mappable = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0, 1), cmap=args.cmap)
+    fig.colorbar(mappable, ax=list(axes[:, 1:].flat), shrink=0.8, label="attention (normalised)")
+    label = _image_label(args.image)
+    fig.suptitle(f"{args.name} on {V} views of {label}: random weights, seed {args.seed}",
+                 fontsize=10)
+    path = _save_figure(fig, out)
+    print(f"wrote {path} ({args.name} on {V} views of {label}, {len(maps)} view pairs)")
     return 0

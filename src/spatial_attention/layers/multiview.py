@@ -457,3 +457,17 @@ class MultiViewWindowAttention(AttentionModule):
         if weights.dim() == 7:
             return WindowAttention.spatial_map(weights[:, 0, :, 0], size)
         return super().spatial_map(weights, size)
+
+    @classmethod
+    def view_maps(cls, weights: Tensor, size: tuple[int, int]) -> dict[tuple[int, int], Tensor]:
+        """Every (query view ``v``, key view ``u``) pair of a record, as ``(B, H, W)`` maps
+        of the attention view ``v``'s queries pay to view ``u``'s positions (``u == v``:
+        the weights ``v`` applies to its own values). For ``spatial-attention viz``."""
+        if weights.dim() != 7:
+            raise ValueError(
+                f"{cls.__name__}: expected a (B, V, nW, V, heads, N, N) record, got "
+                f"{tuple(weights.shape)}"
+            )
+        V, K = weights.shape[1], weights.shape[3]
+        return {(v, (v + j) % V): WindowAttention.spatial_map(weights[:, v, :, j], size)
+                for v in range(V) for j in range(K)}
