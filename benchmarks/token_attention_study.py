@@ -8,7 +8,11 @@ seed and data order (`spatial-attention train` defaults: AdamW, cosine, label sm
 * ``twins_svt``: ``twins_svt_micro_cifar`` (dims 64-128-256, LSA window 4 / GSA sr 4-2-1,
   PEG after the first block of each stage);
 * ``global``: ``vit_tiny_p2_cifar`` with ``global_attention`` (dim 192, 12 blocks, all
-  256 tokens attend to each other).
+  256 tokens attend to each other);
+* ``global_windows``: ``swin_micro_cifar`` with ``window_size=16``: the Swin hierarchy
+  with one window per map at every stage, i.e. global attention inside Swin's
+  hierarchy (5x Swin's FLOPs, 0.4x the ViT's), so the attention's reach is the only
+  difference from ``swin``.
 
     python benchmarks/token_attention_study.py --subset 1000 --epochs 2 --batch 64   # CPU pilot
     python benchmarks/token_attention_study.py --epochs 30 --device cuda   # the real study
@@ -25,6 +29,7 @@ ENTRIES = [
     Entry("swin", "swin_micro_cifar"),
     Entry("twins_svt", "twins_svt_micro_cifar"),
     Entry("global", "vit_tiny_p2_cifar", "global_attention"),
+    Entry("global_windows", "swin_micro_cifar", None, ("window_size=16",)),
 ]
 
 
