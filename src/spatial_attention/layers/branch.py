@@ -122,9 +122,25 @@ class SelectiveKernel(AttentionModule):
         )
         self.attn = _SelectAttention(out_channels, len(dilations), self.attn_channels)
 
+    def _branch(self, path: nn.Sequential, x: Tensor) -> Tensor:
+        """One branch, ``relu(bn(conv(x)))``. Works around a CPU bug in PyTorch 2.13's
+        oneDNN kernels: in bfloat16 (or float16) on a channels_last input, the weight
+        gradient of a *grouped, dilated* convolution comes out wrong (relative error ~1.4
+        against the float32 gradient at 32x32 maps and up; the first CIFAR ResNet-18 + SK
+        study run diverged to NaN within an epoch), so that convolution reads a
+        contiguous copy of its input there (tests/test_layers_sk.py checks it)."""
+        conv = path.conv
+        cpu = x.device.type == "cpu"
+        low = cpu and (x.dtype in (torch.bfloat16, torch.float16)
+                       or torch.is_autocast_enabled("cpu"))
+        if (low and conv.groups > 1 and max(conv.dilation) > 1 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        return path.act(path.bn(conv(x)))
+
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, self.channels)
-        branches = [path(x) for path in self.paths]  # M x (B, C, H, W)
+        branches = [self._branch(path, x) for path in self.paths]  # M x (B, C, H, W)
         M, C = len(branches), self.out_channels
         if self.use_fused:
             s = torch.stack([u.mean((2, 3), keepdim=True) for u in branches], 0).sum(0)
