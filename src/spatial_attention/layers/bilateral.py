@@ -169,8 +169,11 @@ class FeatureSpaceLocalAttention(AttentionModule):
       sibling; ``pair_batch=True`` reproduces the reference (even batches only).
 
     Fast path: the clustering as sorts and gathers batched over every (batch, head,
-    cluster), one gather each for q, k, v, and one ``F.scaled_dot_product_attention`` over
-    all ``B * heads * nG`` leaves; memory linear in ``N``. Explicit path: the same leaves,
+    cluster); one gather of q, k and v in clustered order, each leaf's keys two slices of
+    its sibling pair, with a backward that gathers back instead of scattering
+    (``_LeafGather``; :func:`~spatial_attention.functional.permute.permute_rows` for the
+    return to token order); one ``F.scaled_dot_product_attention`` over all leaves;
+    memory linear in ``N``. Explicit path: the same leaves,
     softmax written out and recorded.
 
     Shapes: ``(B, H, W, C) -> (B, H, W, C)``. Cost: ``8 B N C^2`` (qkv, proj) ``+ 4 B N
