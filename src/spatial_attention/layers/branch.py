@@ -124,19 +124,23 @@ class SelectiveKernel(AttentionModule):
 
     def _branch(self, path: nn.Sequential, x: Tensor) -> Tensor:
         """One branch, ``relu(bn(conv(x)))``. Works around a CPU bug in PyTorch 2.13's
-        oneDNN kernels: in bfloat16 (or float16) on a channels_last input, the weight
+        oneDNN kernels: in bfloat16 (or float16) in the channels_last format, the weight
         gradient of a *grouped, dilated* convolution comes out wrong (relative error ~1.4
-        against the float32 gradient at 32x32 maps and up; the first CIFAR ResNet-18 + SK
-        study run diverged to NaN within an epoch), so that convolution reads a
-        contiguous copy of its input there (tests/test_layers_sk.py checks it)."""
+        against the float32 gradient at 32x32 maps and up; CIFAR ResNet-18 + SK diverged
+        to NaN within an epoch). The format follows the input *or* the weight (a model
+        moved to channels_last has channels_last weights), so that convolution runs on
+        contiguous copies of both there (tests/test_layers_sk.py checks both cases)."""
         conv = path.conv
         cpu = x.device.type == "cpu"
         low = cpu and (x.dtype in (torch.bfloat16, torch.float16)
                        or torch.is_autocast_enabled("cpu"))
-        if (low and conv.groups > 1 and max(conv.dilation) > 1 and not x.is_contiguous()
-                and x.is_contiguous(memory_format=torch.channels_last)):
-            x = x.contiguous()
-        return path.act(path.bn(conv(x)))
+        if low and conv.groups > 1 and max(conv.dilation) > 1 and not (
+                x.is_contiguous() and conv.weight.is_contiguous()):
+            y = F.conv2d(x.contiguous(), conv.weight.contiguous(), conv.bias, conv.stride,
+                         conv.padding, conv.dilation, conv.groups)
+        else:
+            y = conv(x)
+        return path.act(path.bn(y))
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, self.channels)
