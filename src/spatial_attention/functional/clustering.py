@@ -75,7 +75,8 @@ def balanced_binary_clustering(
     computed once; a softmax over two centroids is ``sigmoid(T (cos_0 - cos_1))``, so a
     soft k-means round needs one product with the centroids and one weighted sum, and the
     second centroid's sum is the cluster's total minus the first's. Features are moved by
-    row gathers (``index_select`` on ``(M * Np, d)``), never by an expanded index.
+    row gathers (``index_select`` on ``(M * Np, d)``), never by an expanded index; level 0
+    reads them in place, later levels gather into one buffer reused level after level.
     """
     if x.dim() < 2:
         raise ValueError(f"balanced_binary_clustering: expected (..., N, d), got {tuple(x.shape)}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -61,32 +60,39 @@ def fsla_key_positions(
     return positions, positions < num_tokens
 
 
-def _leaf_keys(t: Tensor, num_leaves: int, g: int, o: int) -> Tensor:
-    """Keys (or values) of every leaf: its own ``g`` slots, then ``o`` of its sibling's.
+def _leaf_rows(tok: Tensor, positions: Tensor, N: int, h: int) -> Tensor:
+    """Rows of the ``(B*N*3*h, d)`` q|k|v grid that the leaves read, in one flat index.
 
-    ``t`` ``(2, B, h, S, d)`` (keys and values) in clustered order; returns ``(2, B,
-    h * nG, g + o, d)`` in :func:`fsla_key_positions`' order. A sibling pair's ``2g`` slots are
-    contiguous, so each leaf's keys are two slices of them: a view and one copy of the
-    ``o``-slot parts, no index. A missing sibling reads zeros (masked by the caller).
+    ``tok`` ``(B, h, L*g)``: the token in each slot of the clustered order (padding slots
+    point at a real token; they are masked or discarded). ``positions`` ``(L, g+o)``: the
+    slots each leaf reads as keys (:func:`fsla_key_positions`). Returns the query rows of
+    every slot, then the key rows and the value rows of every leaf's ``g + o`` keys, so one
+    ``index_select`` builds all three with the sibling overlap already in place.
     """
-    two, B, h, S, d = t.shape
-    if o == 0:
-        return t[:, :, :, : num_leaves * g].reshape(two, B, h * num_leaves, g, d)
-    pairs = (num_leaves + 1) // 2
-    if S < 2 * pairs * g:
-        t = F.pad(t, (0, 0, 0, 2 * pairs * g - S))
-    t = t[:, :, :, : 2 * pairs * g].reshape(two, B, h, pairs, 2, g, d)
-    sibling = torch.stack((t[:, :, :, :, 1, :o], t[:, :, :, :, 0, g - o:]), dim=4)
-    keys = torch.cat((t, sibling), dim=5).reshape(two, B, h, 2 * pairs, g + o, d)
-    return keys[:, :, :, :num_leaves].reshape(two, B, h * num_leaves, g + o, d)
+    B, _, S = tok.shape
+    sample = torch.arange(B, device=tok.device).view(B, 1, 1)
+    head = torch.arange(h, device=tok.device).view(1, h, 1)
+    key_tok = tok[..., positions.clamp(max=S - 1).flatten()]  # (B, h, L*(g+o))
+    q_rows = ((sample * N + tok) * 3) * h + head
+    k_rows = ((sample * N + key_tok) * 3 + 1) * h + head
+    return torch.cat([q_rows.flatten(), k_rows.flatten(), (k_rows + h).flatten()])
+
+
+def _split_leaves(picked: Tensor, B: int, h: int, L: int, g: int, o: int):
+    """The rows gathered by :func:`_leaf_rows` as queries ``(B, h*L, g, d)`` and keys and
+    values ``(B, h*L, g+o, d)``: views of the one gathered tensor, no further copy."""
+    d = picked.shape[-1]
+    nq = B * h * L * g
+    k, v = picked[nq:].view(2, B, h * L, g + o, d).unbind(0)
+    return picked[:nq].view(B, h * L, g, d), k, v
 
 
 class _LeafGather(torch.autograd.Function):
     """Rows of ``qkv`` -> the leaves' queries ``(B, h*L, g, d)`` and keys and values
     ``(B, h*L, g+o, d)``, with a backward that gathers instead of scattering.
 
-    Forward: one ``index_select`` of the q, k and v rows of every slot (a permutation of
-    the rows, padding slots aside), then :func:`_leaf_keys`. Backward: the leaves'
+    Forward: one ``index_select`` of every leaf's query rows and key and value rows,
+    overlap included (:func:`_leaf_rows`), split by views. Backward: the leaves'
     gradients are laid back into slots (the own part copied, each overlap part added to
     the sibling slots it came from, two strided adds) and one gather by ``inverse`` (each
     row's slot) returns them to rows. Padding slots' gradients are zero (their queries
@@ -97,12 +103,9 @@ class _LeafGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: Tensor, index: Tensor, inverse: Tensor, shape: tuple):  # noqa: ANN001
         B, h, L, g, o = shape
-        d = rows.shape[-1]
-        picked = rows.index_select(0, index).view(3, B, h, L * g, d)
-        k, v = _leaf_keys(picked[1:], L, g, o).unbind(0)
         ctx.save_for_backward(inverse)
         ctx.shape = shape
-        return picked[0].reshape(B, h * L, g, d), k, v
+        return _split_leaves(rows.index_select(0, index), B, h, L, g, o)
 
     @staticmethod
     @once_differentiable
@@ -240,25 +243,22 @@ class FeatureSpaceLocalAttention(AttentionModule):
 
         nG = max(1, (N + g - 1) // g)  # leaves holding real tokens
         # leaves computed: an unpaired last leaf brings its (padding) sibling along, so
-        # every leaf's keys are two slices of its pair (see _leaf_keys)
+        # leaves come in sibling pairs (the gather's backward adds overlaps pair by pair)
         L = nG + nG % 2 if (o > 0 and nG > 1) else nG
-        _, valid = fsla_key_positions(N, g, o, device=x.device, leaves=L)  # (L, g+o)
+        positions, valid = fsla_key_positions(N, g, o, device=x.device, leaves=L)  # (L, g+o)
         tok = perm[..., : L * g].clamp(max=N - 1)  # padding slots read token N-1 (unused)
         inv = inverse_permutation(perm)[..., :N]  # (B, h, N): each token's slot
-        sample = torch.arange(B, device=x.device).view(1, B, 1, 1)
-        which = torch.arange(3, device=x.device).view(3, 1, 1, 1)
+        sample = torch.arange(B, device=x.device).view(B, 1, 1)
         head = torch.arange(h, device=x.device).view(1, h, 1)
-        index = ((sample * N + tok) * 3 + which) * h + head  # (3, B, h, L*g) -> rows
+        index = _leaf_rows(tok, positions, N, h)
         if lone or not (torch.is_grad_enabled() and rows.requires_grad) or exporting_graph():
-            picked = rows.index_select(0, index.flatten()).view(3, B, h, L * g, dh)
-            qg = picked[0].reshape(B, h * L, g, dh)
-            kg, vg = _leaf_keys(picked[1:], L, g, o).unbind(0)  # (B, h*L, g+o, dh) each
+            qg, kg, vg = _split_leaves(rows.index_select(0, index), B, h, L, g, o)
         else:
-            # row (b, n, w, head) sits in exactly one real slot of the gather
-            inverse = ((which.view(1, 1, 3, 1) * B + sample.view(B, 1, 1, 1)) * h
-                       + head.view(1, 1, 1, h)) * (L * g) + inv.transpose(1, 2)[:, :, None, :]
-            qg, kg, vg = _LeafGather.apply(rows, index.flatten(), inverse.flatten(),
-                                           (B, h, L, g, o))
+            # row (b, n, w, head) sits in exactly one real slot of the q|k|v slot grid
+            which = torch.arange(3, device=x.device).view(1, 1, 3, 1)
+            inverse = ((which * B + sample.view(B, 1, 1, 1)) * h + head.view(1, 1, 1, h)) \
+                * (L * g) + inv.transpose(1, 2)[:, :, None, :]
+            qg, kg, vg = _LeafGather.apply(rows, index, inverse.flatten(), (B, h, L, g, o))
         mask = None
         if self.pair_batch and lone and o > 0:
             kg, vg = self._pair_images(kg, vg)
@@ -276,7 +276,6 @@ class FeatureSpaceLocalAttention(AttentionModule):
 
         # back to token order, rows laid out (sample, token, head) so heads concatenate;
         # backward: slot (b, head, s) reads the gradient of token perm[s] (none if padding)
-        sample, head = sample.view(B, 1, 1), head.view(1, h, 1)
         index = ((sample * h + head) * (L * g) + inv).transpose(1, 2)  # (B, N, h)
         real = perm[..., : L * g]
         inverse = torch.where(real < N, (sample * N + real.clamp(max=N - 1)) * h + head,
