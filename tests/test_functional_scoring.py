@@ -10,8 +10,18 @@ from spatial_attention.functional import (
     dot_product_scores,
     masked_softmax,
     scaled_dot_product_scores,
+    scoring,
     sequence_mask,
 )
+
+
+@pytest.fixture(params=["short_keys", "sdpa"])
+def fused_path(request, monkeypatch):
+    """Run a test on both fused CPU paths: the short-key products (the default for these
+    small shapes) and SDPA (what longer key sequences, compile and export get)."""
+    if request.param == "sdpa":
+        monkeypatch.setattr(scoring, "SHORT_KEYS", 0)
+    return request.param
 
 
 def test_masked_softmax_1d_valid_lens_hand_computed():
@@ -102,7 +112,7 @@ def _masks(B, h, Q, K):
 
 
 @pytest.mark.parametrize("kind", ["none", "bool", "float"])
-def test_fused_equals_explicit(kind):
+def test_fused_equals_explicit(kind, fused_path):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 3, 7, 16), torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 8)
     mask = _masks(2, 3, 7, 9)[kind]
@@ -114,7 +124,7 @@ def test_fused_equals_explicit(kind):
         assert (w[~mask.expand_as(w)] == 0).all()
 
 
-def test_fully_masked_query_row_is_zero_on_both_paths():
+def test_fully_masked_query_row_is_zero_on_both_paths(fused_path):
     q, k, v = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
     keep = torch.ones(1, 1, 3, 5, dtype=torch.bool)
     keep[..., 1, :] = False
@@ -126,7 +136,7 @@ def test_fully_masked_query_row_is_zero_on_both_paths():
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind", ["none", "bool", "float"])
-def test_attention_gradcheck_float64(fused, kind):
+def test_attention_gradcheck_float64(fused, kind, fused_path):
     torch.manual_seed(1)
     q = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
@@ -139,6 +149,66 @@ def test_attention_gradcheck_float64(fused, kind):
         )
     else:
         torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, mask, fused=fused), (q, k, v))
+
+
+def _grads(q, k, v, mask, **kw):
+    inputs = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
+    out = attention(q, k, v, mask, **kw)
+    return [out, *torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out))
+                                      .sum(), inputs)]
+
+
+@pytest.mark.parametrize("kind", ["none", "bool", "float", "bool_empty_row"])
+def test_short_key_path_is_taken_and_matches_the_explicit_gradients(kind, monkeypatch):
+    """Windows-sized attention on CPU runs as batched products with a hand-written
+    backward; its values and the gradients of q, k, v and a learned (broadcast) bias equal
+    autograd's through the explicit math. Keys and values shared across the batch
+    (broadcast by matmul) get their gradients summed back."""
+    calls = []
+    apply = scoring._ShortKeyAttention.apply
+    monkeypatch.setattr(scoring._ShortKeyAttention, "apply",
+                        lambda *a: calls.append(1) or apply(*a))
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 7, 16, requires_grad=True)
+    k = torch.randn(1, 3, 9, 16, requires_grad=True)  # shared by both samples
+    v = torch.randn(2, 3, 9, 8, requires_grad=True)
+    mask = _masks(2, 3, 7, 9)[kind.replace("_empty_row", "")]
+    if kind == "float":
+        mask.requires_grad_()
+    if kind == "bool_empty_row":
+        mask = mask.clone()
+        mask[1, :, 4] = False
+    fast = _grads(q, k, v, mask)
+    assert calls, "the short-key path was not taken"
+    explicit = _grads(q, k, v, mask, fused=False)
+    for a, b in zip(fast, explicit, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if kind == "bool_empty_row":
+        assert (fast[0][1, :, 4] == 0).all() and all(torch.isfinite(g).all() for g in fast)
+
+
+def test_short_key_path_only_where_it_wins(monkeypatch):
+    calls = []
+    apply = scoring._ShortKeyAttention.apply
+    monkeypatch.setattr(scoring._ShortKeyAttention, "apply",
+                        lambda *a: calls.append(1) or apply(*a))
+    q = torch.randn(1, 2, 8, 16)
+
+    def used(k_len=9, **kw) -> bool:
+        calls.clear()
+        k = torch.randn(1, 2, k_len, 16)
+        attention(q, k, k, **kw)
+        return bool(calls)
+
+    assert used()
+    assert used(scale=0.5) and used(k_len=scoring.SHORT_KEYS)
+    assert not used(k_len=scoring.SHORT_KEYS + 1)  # long keys: the flash kernel
+    assert not used(dropout_p=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not used()
+    calls.clear()
+    attention(q.bfloat16(), q.bfloat16(), q.bfloat16())
+    assert not calls
 
 
 def test_attention_clear_errors():

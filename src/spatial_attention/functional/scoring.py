@@ -17,6 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..tracing import building_graph
 
 __all__ = [
     "sequence_mask",
@@ -155,7 +158,9 @@ def attention(
         scale: defaults to ``1/sqrt(d)``.
         dropout_p: dropout on the attention weights (pass 0 in eval).
         fused: use ``F.scaled_dot_product_attention`` (never materialises Q x K in its
-            flash kernels). ``False`` runs the explicit math, which the tests hold equal.
+            flash kernels), or on CPU for short key sequences (windows, clusters, sub-
+            sampled keys) :class:`_ShortKeyAttention`. ``False`` runs the explicit math,
+            which the tests hold equal.
         return_weights: also return the ``(..., Q, K)`` weights; forces the explicit path.
 
     Returns:
@@ -167,6 +172,9 @@ def attention(
     if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
         mask = mask.to(query.dtype)
     if fused and not return_weights:
+        if _short_keys_on_cpu(query, key, dropout_p):
+            scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+            return _ShortKeyAttention.apply(query, key, value, mask, scale)
         if _learned_bias_on_cpu(query, mask):
             return _lean_biased_attention(query, key, value, mask, scale, dropout_p)
         return F.scaled_dot_product_attention(
@@ -182,6 +190,84 @@ def attention(
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     out = dropped @ value
     return (out, weights) if return_weights else out
+
+
+#: Key lengths up to which CPU attention runs as batched products with a hand-written
+#: backward instead of SDPA's flash kernel (see :class:`_ShortKeyAttention`).
+SHORT_KEYS = 256
+
+
+def _short_keys_on_cpu(query: Tensor, key: Tensor, dropout_p: float) -> bool:
+    """Eager CPU attention over at most :data:`SHORT_KEYS` keys, in fp32 or fp64, without
+    dropout: where :class:`_ShortKeyAttention` beats the flash kernel. Compilers and
+    exporters keep SDPA (they fuse it themselves), and so does autocast."""
+    return (
+        query.device.type == "cpu"
+        and key.shape[-2] <= SHORT_KEYS
+        and dropout_p == 0.0
+        and query.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled("cpu")
+        and not building_graph()
+    )
+
+
+class _ShortKeyAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale + mask) v`` as batched products, with the backward written out.
+
+    For many small blocks (Swin and Twins windows, BOAT's 49 x 69 leaves, Twins GSA's
+    ~49 sub-sampled keys) the CPU flash kernel works tile by tile and is slow in backward:
+    on FSLA's (8, 192, 49, 69) leaves it took 54 ms forward + backward where this takes 33
+    (benchmarks/boat.md). The scores fit in memory here (``Q x K`` per block, ``K <=``
+    :data:`SHORT_KEYS`), so the probabilities ``P`` are kept for backward and
+    ``dS = P * (dO v^T - rowsum(dO * O))``: FlashAttention's identity ``rowsum(dP * P) =
+    rowsum(dO * O)`` replaces a pass over ``Q x K`` with one over ``Q x d``. A float mask
+    gets its gradient (``dS`` summed to the mask's shape: a learned position bias); a
+    boolean keep mask follows :func:`masked_softmax`, so a query with no kept key
+    gets zero weights. Extra memory against SDPA: ``P``, ``Q x K`` per block.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float):  # noqa: ANN205
+        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+        empty = None
+        if mask is not None and mask.dtype == torch.bool:
+            scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+            if not bool(mask.any(-1).all()):
+                empty = ~mask.any(-1, keepdim=True)
+        elif mask is not None:
+            scores = scores.add_(mask) if torch.broadcast_shapes(
+                scores.shape, mask.shape) == scores.shape else scores + mask
+        p = torch.softmax(scores, -1)
+        if empty is not None:
+            p = p.masked_fill_(empty, 0.0)
+        out = torch.matmul(p, v)
+        learned = mask is not None and mask.dtype != torch.bool
+        ctx.mask_shape = mask.shape if learned else None
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, p, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out: Tensor):  # noqa: ANN205
+        q, k, v, p, out = ctx.saved_tensors
+        need_q, need_k, need_v, need_mask, _ = ctx.needs_input_grad
+        dv = torch.matmul(p.transpose(-2, -1), d_out) if need_v else None
+        dq = dk = d_mask = None
+        if need_q or need_k or need_mask:
+            delta = (d_out * out).sum(-1, keepdim=True)  # rowsum(dP * P), over Q x d
+            ds = torch.matmul(d_out, v.transpose(-2, -1)).sub_(delta).mul_(p)
+            if need_mask and ctx.mask_shape is not None:
+                d_mask = ds.sum_to_size(ctx.mask_shape)  # may be ds itself: not scaled below
+            # the scale goes on the (Q|K) x d products, a smaller pass than Q x K
+            dq = torch.matmul(ds, k).mul_(ctx.scale) if need_q else None
+            dk = torch.matmul(ds.transpose(-2, -1), q).mul_(ctx.scale) if need_k else None
+        return (_sum_to(dq, q), _sum_to(dk, k), _sum_to(dv, v), d_mask, None)
+
+
+def _sum_to(grad: Tensor | None, like: Tensor) -> Tensor | None:
+    """A gradient broadcast by matmul back to its input's shape (shared keys, say)."""
+    return grad if grad is None or grad.shape == like.shape else grad.sum_to_size(like.shape)
 
 
 def _learned_bias_on_cpu(query: Tensor, mask: Tensor | None) -> bool:
