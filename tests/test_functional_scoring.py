@@ -16,12 +16,10 @@ from spatial_attention.functional import (
 
 
 @pytest.fixture(params=["short_keys", "sdpa"])
-def fused_path(request, monkeypatch):
-    """Run a test on both fused CPU paths: the short-key products (the default for these
-    small shapes) and SDPA (what longer key sequences, compile and export get)."""
-    if request.param == "sdpa":
-        monkeypatch.setattr(scoring, "SHORT_KEYS", 0)
-    return request.param
+def fused_path(request):
+    """Keyword arguments that run a test on each fused CPU path: the short-key products
+    with saved probabilities (``save_probs=True``) and SDPA (the default)."""
+    return {"save_probs": True} if request.param == "short_keys" else {}
 
 
 def test_masked_softmax_1d_valid_lens_hand_computed():
@@ -116,7 +114,7 @@ def test_fused_equals_explicit(kind, fused_path):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 3, 7, 16), torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 8)
     mask = _masks(2, 3, 7, 9)[kind]
-    fused = attention(q, k, v, mask)
+    fused = attention(q, k, v, mask, **fused_path)
     explicit, w = attention(q, k, v, mask, fused=False, return_weights=True)
     torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
     assert w.shape == (2, 3, 7, 9)
@@ -128,7 +126,7 @@ def test_fully_masked_query_row_is_zero_on_both_paths(fused_path):
     q, k, v = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
     keep = torch.ones(1, 1, 3, 5, dtype=torch.bool)
     keep[..., 1, :] = False
-    fused = attention(q, k, v, keep)
+    fused = attention(q, k, v, keep, **fused_path)
     explicit = attention(q, k, v, keep, fused=False)
     assert torch.isfinite(fused).all() and (fused[..., 1, :] == 0).all()
     torch.testing.assert_close(fused, explicit)
@@ -145,10 +143,12 @@ def test_attention_gradcheck_float64(fused, kind, fused_path):
     if kind == "float":
         mask = mask.double().requires_grad_()
         torch.autograd.gradcheck(
-            lambda a, b, c, m: attention(a, b, c, m, fused=fused), (q, k, v, mask)
+            lambda a, b, c, m: attention(a, b, c, m, fused=fused, **fused_path), (q, k, v, mask)
         )
     else:
-        torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, mask, fused=fused), (q, k, v))
+        torch.autograd.gradcheck(
+            lambda a, b, c: attention(a, b, c, mask, fused=fused, **fused_path), (q, k, v)
+        )
 
 
 def _grads(q, k, v, mask, **kw):
@@ -160,10 +160,10 @@ def _grads(q, k, v, mask, **kw):
 
 @pytest.mark.parametrize("kind", ["none", "bool", "float", "bool_empty_row"])
 def test_short_key_path_is_taken_and_matches_the_explicit_gradients(kind, monkeypatch):
-    """Windows-sized attention on CPU runs as batched products with a hand-written
-    backward; its values and the gradients of q, k, v and a learned (broadcast) bias equal
-    autograd's through the explicit math. Keys and values shared across the batch
-    (broadcast by matmul) get their gradients summed back."""
+    """With ``save_probs``, windows-sized attention on CPU runs as batched products with
+    a hand-written backward; its values and the gradients of q, k, v and a learned
+    (broadcast) bias equal autograd's through the explicit math. Keys and values shared
+    across the batch (broadcast by matmul) get their gradients summed back."""
     calls = []
     apply = scoring._ShortKeyAttention.apply
     monkeypatch.setattr(scoring._ShortKeyAttention, "apply",
@@ -178,7 +178,7 @@ def test_short_key_path_is_taken_and_matches_the_explicit_gradients(kind, monkey
     if kind == "bool_empty_row":
         mask = mask.clone()
         mask[1, :, 4] = False
-    fast = _grads(q, k, v, mask)
+    fast = _grads(q, k, v, mask, save_probs=True)
     assert calls, "the short-key path was not taken"
     explicit = _grads(q, k, v, mask, fused=False)
     for a, b in zip(fast, explicit, strict=True):
@@ -194,20 +194,20 @@ def test_short_key_path_only_where_it_wins(monkeypatch):
                         lambda *a: calls.append(1) or apply(*a))
     q = torch.randn(1, 2, 8, 16)
 
-    def used(k_len=9, **kw) -> bool:
+    def used(k_len=9, save_probs=True, **kw) -> bool:
         calls.clear()
         k = torch.randn(1, 2, k_len, 16)
-        attention(q, k, k, **kw)
+        attention(q, k, k, save_probs=save_probs, **kw)
         return bool(calls)
 
-    assert used()
+    assert used() and not used(save_probs=False)  # opt-in: it costs memory
     assert used(scale=0.5) and used(k_len=scoring.SHORT_KEYS)
     assert not used(k_len=scoring.SHORT_KEYS + 1)  # long keys: the flash kernel
     assert not used(dropout_p=0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not used()
     calls.clear()
-    attention(q.bfloat16(), q.bfloat16(), q.bfloat16())
+    attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), save_probs=True)
     assert not calls
 
 

@@ -113,9 +113,11 @@ def test_gradcheck_float64_shift_and_padding(H, W, M, s):
         torch.autograd.gradcheck(attn, (x,))
 
 
-def test_fused_equals_explicit_with_shift_padding_and_grads():
+@pytest.mark.parametrize("save_probs", [False, True])
+def test_fused_equals_explicit_with_shift_padding_and_grads(save_probs):
     torch.manual_seed(0)
     attn = WindowAttention(16, 4, window_size=4, shift_size=2).double()
+    attn.save_probs = save_probs  # the CPU short-key path, with its hand-written backward
     x = torch.randn(2, 9, 11, 16, dtype=torch.float64)
     grads = []
     for explicit in (False, True):

@@ -147,6 +147,7 @@ def attention(
     dropout_p: float = 0.0,
     fused: bool = True,
     return_weights: bool = False,
+    save_probs: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Scaled dot-product attention, fused or explicit, chosen per call.
 
@@ -158,10 +159,14 @@ def attention(
         scale: defaults to ``1/sqrt(d)``.
         dropout_p: dropout on the attention weights (pass 0 in eval).
         fused: use ``F.scaled_dot_product_attention`` (never materialises Q x K in its
-            flash kernels), or on CPU for short key sequences (windows, clusters, sub-
-            sampled keys) :class:`_ShortKeyAttention`. ``False`` runs the explicit math,
-            which the tests hold equal.
+            flash kernels). ``False`` runs the explicit math, which the tests hold equal.
         return_weights: also return the ``(..., Q, K)`` weights; forces the explicit path.
+        save_probs: on CPU, for at most :data:`SHORT_KEYS` keys (windows, clusters),
+            trade memory for time: :class:`_ShortKeyAttention` keeps the ``(..., Q, K)``
+            probabilities for backward instead of the flash kernel's recomputation
+            (forward + backward 30-40% faster for 49-query blocks, peak memory up by
+            the probabilities). Ignored where it does not apply (GPU, compile, export,
+            autocast, dropout, long keys).
 
     Returns:
         ``(..., Q, dv)`` and, with ``return_weights``, the weights.
@@ -172,7 +177,7 @@ def attention(
     if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
         mask = mask.to(query.dtype)
     if fused and not return_weights:
-        if _short_keys_on_cpu(query, key, dropout_p):
+        if save_probs and _short_keys_on_cpu(query, key, dropout_p):
             scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
             return _ShortKeyAttention.apply(query, key, value, mask, scale)
         if _learned_bias_on_cpu(query, mask):
@@ -199,8 +204,8 @@ SHORT_KEYS = 256
 
 def _short_keys_on_cpu(query: Tensor, key: Tensor, dropout_p: float) -> bool:
     """Eager CPU attention over at most :data:`SHORT_KEYS` keys, in fp32 or fp64, without
-    dropout: where :class:`_ShortKeyAttention` beats the flash kernel. Compilers and
-    exporters keep SDPA (they fuse it themselves), and so does autocast."""
+    dropout: where :class:`_ShortKeyAttention` can run. Compilers and exporters keep SDPA
+    (they fuse it themselves), and so does autocast."""
     return (
         query.device.type == "cpu"
         and key.shape[-2] <= SHORT_KEYS
@@ -217,13 +222,16 @@ class _ShortKeyAttention(torch.autograd.Function):
     For many small blocks (Swin and Twins windows, BOAT's 49 x 69 leaves, Twins GSA's
     ~49 sub-sampled keys) the CPU flash kernel works tile by tile and is slow in backward:
     on FSLA's (8, 192, 49, 69) leaves it took 54 ms forward + backward where this takes 33
-    (benchmarks/boat.md). The scores fit in memory here (``Q x K`` per block, ``K <=``
-    :data:`SHORT_KEYS`), so the probabilities ``P`` are kept for backward and
+    (benchmarks/boat.md); on Twins LSA's 49 x 49 windows 26 against 16 ms. It keeps the
+    probabilities ``P`` (``Q x K`` per block, ``K <=`` :data:`SHORT_KEYS`) for backward:
+    a memory cost the flash kernel avoids (on LSA's windows 43 against 25 MiB created in
+    forward + backward), so callers opt in (``attention(..., save_probs=True)``). Then
     ``dS = P * (dO v^T - rowsum(dO * O))``: FlashAttention's identity ``rowsum(dP * P) =
     rowsum(dO * O)`` replaces a pass over ``Q x K`` with one over ``Q x d``. A float mask
     gets its gradient (``dS`` summed to the mask's shape: a learned position bias); a
     boolean keep mask follows :func:`masked_softmax`, so a query with no kept key
-    gets zero weights. Extra memory against SDPA: ``P``, ``Q x K`` per block.
+    gets zero weights. A learned bias on Twins GSA-like shapes (long Q) or Swin's biased
+    windows gained under 10% here, so those keep their defaults.
     """
 
     @staticmethod

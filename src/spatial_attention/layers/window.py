@@ -110,6 +110,12 @@ class WindowAttention(AttentionModule):
     mask. Compiled on CUDA; equal to the other paths (tested on CPU through PyTorch's
     unfused reference). Its speed on a GPU is not measured yet, so it stays opt-in.
 
+    ``attn.save_probs = True`` (CPU training, windows without a learned bias such as
+    Twins LSA) keeps the window probabilities for backward instead of the flash kernel's
+    recomputation: LSA's attention core 26 -> 16 ms forward + backward on (8, 56, 56, 64),
+    for about twice the memory the core creates (benchmarks/token_attention.md). Off by
+    default, so peak memory stays below timm's.
+
     Cost: ``2·B·N·C·4C`` (projections) ``+ 4·B·N·M²·C`` (scores and weighting), linear in
     the number of tokens ``N = H·W``.
     """
@@ -161,6 +167,8 @@ class WindowAttention(AttentionModule):
         self._layouts: dict[tuple[Any, ...], WindowLayout] = {}
         #: opt-in FlexAttention inference path (see :func:`_window_flex`)
         self.flex = False
+        #: opt-in CPU trade of memory for backward time (see the class docstring)
+        self.save_probs = False
         self._block_masks: dict[tuple[Any, ...], Any] = {}
 
     def extra_repr(self) -> str:
@@ -210,7 +218,7 @@ class WindowAttention(AttentionModule):
         ):
             out = self._flex(q, k, v, keep, (H, W, shift))
         elif self.use_fused:
-            out = window_sdpa(q, k, v, mask, self.scale, p)
+            out = window_sdpa(q, k, v, mask, self.scale, p, self.save_probs)
         else:
             out, weights = attention(
                 q, k, v, mask, scale=self.scale, dropout_p=p, fused=False, return_weights=True
@@ -309,7 +317,8 @@ def _flex_attention(device: torch.device):
 
 
 def window_sdpa(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float,
+    save_probs: bool = False,
 ) -> Tensor:
     """One attention call over all windows of ``(B, nW, heads, N, d)`` inputs.
 
@@ -317,13 +326,14 @@ def window_sdpa(
     ``B * nW`` windows, the 4-D form the fused kernels take. A per-window mask
     ``(nW, heads, N, N)`` broadcasts over the batch axis of the 5-D form on CPU (no
     copy per image); CUDA's fused kernels want 4-D, so there it is expanded to
-    ``(B * nW, heads, N, N)``.
+    ``(B * nW, heads, N, N)``. ``save_probs``: see :func:`~spatial_attention.functional.
+    scoring.attention` (CPU: faster backward for more memory).
     """
     B, nW, h, N, d = q.shape
     if mask is None or mask.shape[0] == 1:
         out = attention(
             q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask,
-            scale=scale, dropout_p=dropout_p,
+            scale=scale, dropout_p=dropout_p, save_probs=save_probs,
         )
         return out.view(B, nW, h, N, d)
     if q.is_cuda:
@@ -333,4 +343,4 @@ def window_sdpa(
             scale=scale, dropout_p=dropout_p,
         )
         return out.view(B, nW, h, N, d)
-    return attention(q, k, v, mask, scale=scale, dropout_p=dropout_p)
+    return attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, save_probs=save_probs)
