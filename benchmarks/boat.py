@@ -126,6 +126,9 @@ def load_reference(git_dir: str) -> type:
 
 
 def reference(args: argparse.Namespace) -> None:
+    from spatial_attention.bench import keep_freed_memory
+
+    allocator = keep_freed_memory() if args.keep_freed_memory else "default allocator"
     Ref = load_reference(args.reference_git)
     torch.manual_seed(0)
     ref = Ref(args.dim, (7, 7), args.heads)
@@ -139,8 +142,9 @@ def reference(args: argparse.Namespace) -> None:
     cases = {
         "reference ContentAttention": lambda: ref(x.view(B, -1, C)),
         "fsla (ours)": lambda: ours(x),
-        "global (multi_head, SDPA)": lambda: glob(x.view(B, -1, C)),
     }
+    if not args.no_global:
+        cases["global (multi_head, SDPA)"] = lambda: glob(x.view(B, -1, C))
     res = {k: {"fwd": [], "fwdbwd": []} for k in cases}
     for f in cases.values():  # warm-up
         f().sum().backward()
@@ -155,12 +159,20 @@ def reference(args: argparse.Namespace) -> None:
             res[k]["fwdbwd"].append(time.perf_counter() - t)
     print(f"input ({B}, {S}, {S}, {C}), {args.heads} heads, float32, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats; "
-          f"max |ref - ours| on the same weights: {diff:.2e}")
-    print("| implementation | forward ms (median) | forward+backward ms (median) |")
+          f"max |ref - ours| on the same weights: {diff:.2e}; {allocator}")
+    print("| implementation | forward ms (median / min) | forward+backward ms (median / min) |")
     print("|---|---:|---:|")
     for k, r in res.items():
-        print(f"| {k} | {statistics.median(r['fwd']) * 1e3:.1f} | "
-              f"{statistics.median(r['fwdbwd']) * 1e3:.1f} |")
+        f, fb = r["fwd"], r["fwdbwd"]
+        print(f"| {k} | {statistics.median(f) * 1e3:.1f} / {min(f) * 1e3:.1f} | "
+              f"{statistics.median(fb) * 1e3:.1f} / {min(fb) * 1e3:.1f} |")
+    # the reference's own time drifts by a third between runs (allocator state), so the
+    # ratio is also taken round by round, each round's two calls side by side
+    ours_r, ref_r = res["fsla (ours)"], res["reference ContentAttention"]
+    for part in ("fwd", "fwdbwd"):
+        ratios = [a / b for a, b in zip(ours_r[part], ref_r[part], strict=True)]
+        print(f"ours / reference, {part}: median of per-round ratios "
+              f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dim", type=int, default=96)
     r.add_argument("--heads", type=int, default=3)
     r.add_argument("--repeats", type=int, default=7)
+    r.add_argument("--no-global", action="store_true", help="skip global attention")
+    r.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc keeps freed blocks: no page faults on reallocation "
+                        "(spatial_attention.bench.keep_freed_memory)")
     for q in (s, r):
         q.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)

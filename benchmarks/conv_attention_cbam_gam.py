@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import spatial_attention as sa
-from spatial_attention.bench import interleaved_times
+from spatial_attention.bench import interleaved_times, keep_freed_memory
 
 Case = Callable[[], object]
 
@@ -303,28 +303,6 @@ def bench_gam(args, notes: list[str]) -> None:
         lines.append(f"bf16 autocast speed-up over fp32: {f32[0] / b16[0]:.2f}x (median), "
                      f"{f32[1] / b16[1]:.2f}x (min); target >= 3")
         print("\n" + "\n".join(f"- {line}" for line in lines) + "\n")
-
-
-def keep_freed_memory() -> str:
-    """Ask glibc to serve large blocks from the heap and never return freed memory.
-
-    By default glibc maps every block above a (dynamic) threshold fresh from the kernel
-    and unmaps it on free, so each new 25 MB tensor costs ~6,000 page faults (~4 ms on
-    2 threads here), an allocator artefact that hits implementations by how many
-    full-size tensors they allocate, and varies with the heap's history. jemalloc or
-    tcmalloc (PyTorch's advice for CPU) behave like this setting.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return "libc not found: allocator left as is"
-    libc = ctypes.CDLL(name)
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    ok = (libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest allowed value
-          and libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_top_pad, 256 * 2**20))
-    return "glibc keeps freed memory (mallopt)" if ok else "mallopt refused: allocator as is"
 
 
 def main() -> None:

@@ -33,6 +33,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
+import ctypes.util
 import gc
 import importlib.util
 import math
@@ -66,6 +68,8 @@ __all__ = [
     "plot",
     "add_arguments",
     "run",
+    "interleaved_times",
+    "keep_freed_memory",
 ]
 
 #: a backbone stage: ResNet-50's stage 2 output is 28 x 28; 128 channels, batch 8
@@ -243,6 +247,25 @@ def _timed_median_ms(
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+def keep_freed_memory() -> str:
+    """Ask glibc to serve large blocks from the heap and never return freed memory.
+
+    By default glibc maps every block above a (dynamic) threshold fresh from the kernel
+    and unmaps it on free, so each new 25 MB tensor costs ~6,000 page faults (~4 ms on
+    2 threads here), an allocator artefact that hits implementations by how many
+    full-size tensors they allocate, and varies with the heap's history. jemalloc or
+    tcmalloc (PyTorch's advice for CPU) behave like this setting.
+    """
+    name = ctypes.util.find_library("c")
+    if not name:
+        return "libc not found: allocator left as is"
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = (libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest allowed value
+          and libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_top_pad, 256 * 2**20))
+    return "glibc keeps freed memory (mallopt)" if ok else "mallopt refused: allocator as is"
 
 
 def interleaved_times(

@@ -89,31 +89,36 @@ def _split_leaves(picked: Tensor, B: int, h: int, L: int, g: int, o: int):
 
 class _LeafGather(torch.autograd.Function):
     """Rows of ``qkv`` -> the leaves' queries ``(B, h*L, g, d)`` and keys and values
-    ``(B, h*L, g+o, d)``, with a backward that gathers instead of scattering.
+    ``(B, h*L, g+o, d)``, and the values in token order ``(B, N, C)`` for the depthwise
+    convolution, with a backward that gathers instead of scattering.
 
     Forward: one ``index_select`` of every leaf's query rows and key and value rows,
-    overlap included (:func:`_leaf_rows`), split by views. Backward: the leaves'
-    gradients are laid back into slots (the own part copied, each overlap part added to
-    the sibling slots it came from, two strided adds) and one gather by ``inverse`` (each
-    row's slot) returns them to rows. Padding slots' gradients are zero (their queries
-    are discarded, their keys masked), so no row needs more than its own slot. Needs
-    ``L`` even when ``o > 0``.
+    overlap included (:func:`_leaf_rows`), split by views; the token-order values are a
+    strided copy. Backward: the leaves' gradients are laid back into slots (the own part
+    copied, each overlap part added to the sibling slots it came from, two strided adds)
+    and one gather by ``inverse`` (each row's slot) returns them to rows; the convolution's
+    gradient is added into the value rows in place. (Left to autograd, that second use
+    of ``qkv`` would cost a zero-filled ``qkv``-sized gradient and a full-size sum.)
+    Padding slots' gradients are zero (their queries are discarded, their keys masked),
+    so no row needs more than its own slot. Needs ``L`` even when ``o > 0``.
     """
 
     @staticmethod
     def forward(ctx, rows: Tensor, index: Tensor, inverse: Tensor, shape: tuple):  # noqa: ANN001
         B, h, L, g, o = shape
+        N, C = rows.shape[0] // (3 * B * h), h * rows.shape[1]
         ctx.save_for_backward(inverse)
         ctx.shape = shape
-        return _split_leaves(rows.index_select(0, index), B, h, L, g, o)
+        v_tokens = rows.view(B, N, 3, C)[:, :, 2].contiguous()
+        return (*_split_leaves(rows.index_select(0, index), B, h, L, g, o), v_tokens)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor, dv_tokens: Tensor):  # noqa: ANN001, ANN205
         (inverse,) = ctx.saved_tensors
         B, h, L, g, o = ctx.shape
-        ref = next(t for t in (dq, dk, dv) if t is not None)
-        d = ref.shape[-1]
+        ref = next(t for t in (dq, dk, dv, dv_tokens) if t is not None)
+        d = ref.shape[-1] // (h if ref is dv_tokens else 1)
         grad = ref.new_zeros(3, B, h, L, g, d) if None in (dq, dk, dv) else \
             ref.new_empty(3, B, h, L, g, d)
         if dq is not None:
@@ -128,7 +133,11 @@ class _LeafGather(torch.autograd.Function):
                 slots = grad[i].view(B, h, L // 2, 2, g, d)
                 slots[:, :, :, 1, :o] += pair[:, :, :, 0, g:]  # leaf 2i read 2i+1's first o
                 slots[:, :, :, 0, g - o:] += pair[:, :, :, 1, g:]  # 2i+1 read 2i's last o
-        return grad.view(-1, d).index_select(0, inverse), None, None, None
+        d_rows = grad.view(-1, d).index_select(0, inverse)
+        if dv_tokens is not None:
+            N = d_rows.shape[0] // (3 * B * h)
+            d_rows.view(B, N, 3, h * d)[:, :, 2] += dv_tokens.view(B, N, h * d)
+        return d_rows, None, None, None
 
 
 @register(
@@ -258,12 +267,14 @@ class FeatureSpaceLocalAttention(AttentionModule):
         index = _leaf_rows(tok, positions, N, h)
         if lone or not (torch.is_grad_enabled() and rows.requires_grad) or exporting_graph():
             qg, kg, vg = _split_leaves(rows.index_select(0, index), B, h, L, g, o)
+            v_tokens = qkv.view(B, N, 3, C)[:, :, 2]
         else:
             # row (b, n, w, head) sits in exactly one real slot of the q|k|v slot grid
             which = torch.arange(3, device=x.device).view(1, 1, 3, 1)
             inverse = ((which * B + sample.view(B, 1, 1, 1)) * h + head.view(1, 1, 1, h)) \
                 * (L * g) + inv.transpose(1, 2)[:, :, None, :]
-            qg, kg, vg = _LeafGather.apply(rows, index, inverse.flatten(), (B, h, L, g, o))
+            qg, kg, vg, v_tokens = _LeafGather.apply(rows, index, inverse.flatten(),
+                                                     (B, h, L, g, o))
         mask = None
         if self.pair_batch and lone and o > 0:
             kg, vg = self._pair_images(kg, vg)
@@ -289,7 +300,7 @@ class FeatureSpaceLocalAttention(AttentionModule):
         out = permute_rows(out.reshape(B * h * L * g, dh), 0, index.flatten(),
                            inverse.flatten(), zero_row=L * g > N).view(B, N, C)
         # the reference adds a depthwise 3x3 conv of the values, in image layout
-        v_img = qkv.view(B, H, W, 3, C)[:, :, :, 2].contiguous().permute(0, 3, 1, 2)
+        v_img = v_tokens.reshape(B, H, W, C).contiguous().permute(0, 3, 1, 2)
         local = self.get_v(v_img).permute(0, 2, 3, 1).reshape(B, N, C)
         out = self.proj_drop(self.proj(out + local))
         return out.view(B, H, W, C)
