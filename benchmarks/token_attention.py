@@ -10,6 +10,8 @@ a noisy neighbour slows all of them alike; medians and minima are reported:
   ``WindowAttention``, reverse; timm's default leaves SDPA off for Swin, and its fused
   variant is measured too). Twins LSA (window 7) and GSA (sr 8) on (8, 56, 56, 64), 2
   heads (timm: ``LocallyGroupedAttn``, ``GlobalSubSampleAttn``, SDPA on by default).
+  ``ours (save_probs)`` is the opt-in CPU path that keeps the window probabilities for
+  backward (``WindowAttention.save_probs``).
   Forward (no grad) and forward+backward; peak memory of forward+backward (live tensor
   storage on CPU, the allocator peak on CUDA).
 * ``models``: swin_tiny and twins_svt_small training steps (forward, backward, SGD
@@ -109,7 +111,10 @@ def layer_cases(timm, device):
     x96 = torch.randn(8, 56, 56, 96, device=device)
     x64 = torch.randn(8, 56, 56, 64, device=device)
     ours = WindowAttention(96, 3, window_size=7, shift_size=3).to(device)
-    cases["sw-msa"] = {"ours": ours}
+    ours_sp = WindowAttention(96, 3, window_size=7, shift_size=3).to(device)
+    ours_sp.load_state_dict(ours.state_dict())
+    ours_sp.save_probs = True  # CPU: probabilities kept for backward (more memory)
+    cases["sw-msa"] = {"ours": ours, "ours (save_probs)": ours_sp}
     if timm is not None:
         from timm.models.swin_transformer import SwinTransformerBlock
 
@@ -121,7 +126,10 @@ def layer_cases(timm, device):
             cases["sw-msa"][label] = _SwinAttn(block).to(device)
     lsa = WindowAttention(64, 2, window_size=7, position_bias=False).to(device)
     gsa = GlobalSubsampledAttention(64, 2, sr_ratio=8).to(device)
-    cases["twins-lsa"] = {"ours": lsa}
+    lsa_sp = WindowAttention(64, 2, window_size=7, position_bias=False).to(device)
+    lsa_sp.load_state_dict(lsa.state_dict())
+    lsa_sp.save_probs = True
+    cases["twins-lsa"] = {"ours": lsa, "ours (save_probs)": lsa_sp}
     cases["twins-gsa"] = {"ours": gsa}
     if timm is not None:
         from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn
