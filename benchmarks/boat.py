@@ -126,9 +126,11 @@ def load_reference(git_dir: str) -> type:
 
 
 def reference(args: argparse.Namespace) -> None:
-    from spatial_attention.bench import keep_freed_memory
+    allocator = "default allocator"
+    if args.keep_freed_memory:
+        from spatial_attention.bench import keep_freed_memory
 
-    allocator = keep_freed_memory() if args.keep_freed_memory else "default allocator"
+        allocator = keep_freed_memory()
     Ref = load_reference(args.reference_git)
     torch.manual_seed(0)
     ref = Ref(args.dim, (7, 7), args.heads)
