@@ -221,8 +221,8 @@ class _ShortKeyAttention(torch.autograd.Function):
 
     For many small blocks (Swin and Twins windows, BOAT's 49 x 69 leaves, Twins GSA's
     ~49 sub-sampled keys) the CPU flash kernel works tile by tile and is slow in backward:
-    on FSLA's (8, 192, 49, 69) leaves it took 54 ms forward + backward where this takes 33
-    (benchmarks/boat.md); on Twins LSA's 49 x 49 windows 26 against 16 ms. It keeps the
+    on FSLA's (8, 192, 49, 69) leaves it took 52-54 ms forward + backward where this takes
+    33-36 (benchmarks/boat.md); on Twins LSA's 49 x 49 windows 26 against 16 ms. It keeps the
     probabilities ``P`` (``Q x K`` per block, ``K <=`` :data:`SHORT_KEYS`) for backward:
     a memory cost the flash kernel avoids (on LSA's windows 43 against 25 MiB created in
     forward + backward), so callers opt in (``attention(..., save_probs=True)``). Then
@@ -230,8 +230,8 @@ class _ShortKeyAttention(torch.autograd.Function):
     rowsum(dO * O)`` replaces a pass over ``Q x K`` with one over ``Q x d``. A float mask
     gets its gradient (``dS`` summed to the mask's shape: a learned position bias); a
     boolean keep mask follows :func:`masked_softmax`, so a query with no kept key
-    gets zero weights. A learned bias on Twins GSA-like shapes (long Q) or Swin's biased
-    windows gained under 10% here, so those keep their defaults.
+    gets zero weights. Swin's biased windows (already on the lean path below) and Twins
+    GSA's long query blocks gained under 10% here, so those keep their defaults.
     """
 
     @staticmethod
