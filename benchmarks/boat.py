@@ -145,6 +145,17 @@ def reference(args: argparse.Namespace) -> None:
         "reference ContentAttention": lambda: ref(x.view(B, -1, C)),
         "fsla (ours)": lambda: ours(x),
     }
+    if args.baseline_pkg:
+        # an earlier version of this library, copied as a package of another name (e.g.
+        # `git archive b1106fa src/spatial_attention`, renamed old_sa), timed in the same
+        # rounds: before/after comparisons free of the host's run-to-run drift
+        import importlib
+
+        path = Path(args.baseline_pkg).resolve()
+        sys.path.insert(0, str(path.parent))
+        old = importlib.import_module(path.name).create("fsla", args.dim, args.heads)
+        old.load_state_dict(ref.state_dict())
+        cases[f"fsla ({path.name})"] = lambda: old(x)
     if not args.no_global:
         cases["global (multi_head, SDPA)"] = lambda: glob(x.view(B, -1, C))
     res = {k: {"fwd": [], "fwdbwd": []} for k in cases}
@@ -170,11 +181,13 @@ def reference(args: argparse.Namespace) -> None:
               f"{statistics.median(fb) * 1e3:.1f} / {min(fb) * 1e3:.1f} |")
     # the reference's own time drifts by a third between runs (allocator state), so the
     # ratio is also taken round by round, each round's two calls side by side
-    ours_r, ref_r = res["fsla (ours)"], res["reference ContentAttention"]
-    for part in ("fwd", "fwdbwd"):
-        ratios = [a / b for a, b in zip(ours_r[part], ref_r[part], strict=True)]
-        print(f"ours / reference, {part}: median of per-round ratios "
-              f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
+    ref_r = res["reference ContentAttention"]
+    for label in [k for k in res if k.startswith("fsla")]:
+        for part in ("fwd", "fwdbwd"):
+            ratios = [a / b for a, b in zip(res[label][part], ref_r[part], strict=True)]
+            print(f"{label} / reference, {part}: median of per-round ratios "
+                  f"{statistics.median(ratios):.3f} "
+                  f"(range {min(ratios):.3f}-{max(ratios):.3f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--heads", type=int, default=3)
     r.add_argument("--repeats", type=int, default=7)
     r.add_argument("--no-global", action="store_true", help="skip global attention")
+    r.add_argument("--baseline-pkg", default=None,
+                   help="directory of an earlier spatial_attention copied under another "
+                        "package name, timed in the same rounds")
     r.add_argument("--keep-freed-memory", action="store_true",
                    help="glibc keeps freed blocks: no page faults on reallocation "
                         "(spatial_attention.bench.keep_freed_memory)")
