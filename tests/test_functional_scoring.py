@@ -9,6 +9,7 @@ from spatial_attention.functional import (
     attention,
     dot_product_scores,
     masked_softmax,
+    materialized_attention,
     scaled_dot_product_scores,
     scoring,
     sequence_mask,
@@ -209,6 +210,111 @@ def test_short_key_path_only_where_it_wins(monkeypatch):
     calls.clear()
     attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), save_probs=True)
     assert not calls
+
+
+@pytest.mark.parametrize("kind", ["none", "bool", "float"])
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_materialized_attention_any_key_length_matches_the_explicit_math(kind, scale, monkeypatch):
+    """``materialized_attention`` keeps the probabilities at any key length (the caller
+    forms the scores anyway): on CPU it runs the hand-written backward, also past
+    ``SHORT_KEYS`` keys, with queries and keys wider than the values; values and all
+    gradients equal autograd's through the plain math, scale 1 included (where the
+    backward skips its scale passes)."""
+    calls = []
+    apply = scoring._ShortKeyAttention.apply
+    monkeypatch.setattr(scoring._ShortKeyAttention, "apply",
+                        lambda *a: calls.append(1) or apply(*a))
+    torch.manual_seed(0)
+    nk = scoring.SHORT_KEYS + 3
+    q = torch.randn(2, 3, 5, 12, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, nk, 12, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, nk, 4, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if kind == "bool":
+        mask = torch.rand(5, nk) > 0.5
+        mask[:, 0] = True
+    elif kind == "float":
+        mask = torch.randn(3, 5, nk, dtype=torch.float64, requires_grad=True)
+    inputs = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
+    weight = torch.linspace(-1, 1, 2 * 3 * 5 * 4, dtype=torch.float64).view(2, 3, 5, 4)
+    out = materialized_attention(q, k, v, mask, scale)
+    assert calls, "the kept-probabilities path was not taken"
+    grads = torch.autograd.grad((out * weight).sum(), inputs)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if kind == "bool":
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif kind == "float":
+        scores = scores + mask
+    ref = torch.softmax(scores, -1) @ v
+    ref_grads = torch.autograd.grad((ref * weight).sum(), inputs)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["none", "bool_whole", "bool_batched", "float_whole",
+                                  "float_batched", "energy_only", "constant_columns"])
+def test_kept_probabilities_tiled_equal_untiled(kind, monkeypatch):
+    """Large batches of blocks run in cache-sized tiles (``TILE_BYTES``); values and every
+    gradient equal the untiled computation, for each kind of mask and with constant key
+    columns (whose gradient is zero), and with an empty row under a boolean mask."""
+    torch.manual_seed(0)
+    B, h, Q, K, d, dv = 3, 4, 6, 5, 8, 3
+    q = torch.randn(B, h, Q, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, h, K, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, h, K, dv, dtype=torch.float64, requires_grad=True)
+    mask, fixed = None, 0
+    if kind == "bool_whole":
+        mask = torch.rand(Q, K) > 0.4
+        mask[:, 0] = True
+    elif kind == "bool_batched":
+        mask = torch.rand(B, h, Q, K) > 0.4
+        mask[..., 0] = True
+        mask[1, 2, 3] = False  # an empty row: zero weights
+    elif kind in ("float_whole", "energy_only"):
+        mask = torch.randn(1, 1, Q, K, dtype=torch.float64, requires_grad=True)
+    elif kind == "float_batched":
+        mask = torch.randn(B, h, Q, K, dtype=torch.float64, requires_grad=True)
+    elif kind == "constant_columns":
+        fixed = 3
+    if kind == "energy_only":
+        mask = torch.randn(B, h, Q, K, dtype=torch.float64, requires_grad=True)
+        q = k = None
+    inputs = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
+
+    def run(tile_bytes):
+        monkeypatch.setattr(scoring, "TILE_BYTES", tile_bytes)
+        out = materialized_attention(q, k, v, mask, 0.7, constant_key_columns=fixed)
+        weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        return [out, *torch.autograd.grad((out * weight).sum(), inputs)]
+
+    whole = run(2**40)
+    tiled = run(2 * Q * K * 8)  # two blocks per tile: six tiles
+    for a, b in zip(tiled, whole, strict=True):
+        torch.testing.assert_close(a, b)
+    if fixed:  # the other columns get the true gradient, the constant ones zero
+        out = torch.softmax((q @ k.transpose(-2, -1)) * 0.7, -1) @ v
+        weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        true_dk = torch.autograd.grad((out * weight).sum(), k)[0]
+        torch.testing.assert_close(tiled[2][..., :-fixed], true_dk[..., :-fixed])
+        assert (tiled[2][..., -fixed:] == 0).all()
+    if kind == "bool_batched":
+        assert (tiled[0][1, 2, 3] == 0).all()
+
+
+def test_materialized_attention_plain_ops_under_autocast_and_clear_errors(monkeypatch):
+    calls = []
+    apply = scoring._ShortKeyAttention.apply
+    monkeypatch.setattr(scoring._ShortKeyAttention, "apply",
+                        lambda *a: calls.append(1) or apply(*a))
+    q, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = materialized_attention(q, q, v)
+    assert not calls and out.shape == (1, 2, 6, 3)
+    torch.testing.assert_close(out.float(), torch.softmax(q @ q.transpose(-2, -1), -1) @ v,
+                               atol=3e-2, rtol=3e-2)
+    with pytest.raises(ValueError, match="query dim"):
+        materialized_attention(q, q[..., :4], v)
 
 
 def test_attention_clear_errors():

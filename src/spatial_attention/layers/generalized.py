@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_positive
-from ..functional.scoring import masked_softmax
+from ..functional.scoring import masked_softmax, materialized_attention
 from ..registry import register
 from .base import AttentionModule
 
@@ -160,9 +160,14 @@ class GeneralizedAttention(AttentionModule):
     ``F.scaled_dot_product_attention`` call (scale 1, the local window as a boolean
     mask). E2 and E4 are separable in the x and y offsets, so for each query they are a
     row of ``wk`` numbers and a column of ``hk`` numbers (batched einsums with ``P_x``,
-    ``P_y``); appended to the query vector and matched by one-hot key coordinates
-    appended to the key vector, they make all four terms one dot product, so one batched
-    GEMM yields the whole energy with no broadcast passes over ``Nq x Nk``. E3 without
+    ``P_y``). With E1, they are appended to the query vector and matched by one-hot key
+    coordinates appended to the key vector, so one batched GEMM yields the whole energy
+    with no broadcast passes over ``Nq x Nk``; the one-hot columns are constants, so
+    backward computes no gradient product for them. Without E1 the energy is their
+    broadcast sum (no product at all). Either way the scores are materialised, so the
+    softmax probabilities are kept for a backward that skips the softmax's own pass, and
+    the work runs in cache-sized tiles of (sample, head) blocks
+    (:func:`~spatial_attention.functional.scoring.materialized_attention`). E3 without
     E1 is folded into the key projection (``appr_bias^T W_k`` gives one number per key
     and head). E3 alone (global) keeps mmcv's one-row shortcut; E4 alone shares one
     set of weights across the batch. ``memory_efficient=True`` sends the augmented
@@ -329,6 +334,8 @@ class GeneralizedAttention(AttentionModule):
                 # E3 alone: one energy row serves every query (mmcv's shortcut as well)
                 weights = torch.softmax(e3_row, dim=-1)  # (B, z, 1, nk)
                 return (vT @ weights.transpose(-2, -1)).reshape(B, -1, 1, 1)
+        if (e2 or e4) and not e1 and not self.memory_efficient:
+            return self._position_only(qT, vT, e3_row, keep, (B, hq, wq, hk, wk))
         # Every term as one dot product of an augmented query and key (see the class doc):
         # [q (+ appr_bias) | 1 | energy_x | energy_y] . [k | e3 | onehot(kx) | onehot(ky)]
         q_parts, k_parts = [], []
@@ -371,14 +378,39 @@ class GeneralizedAttention(AttentionModule):
             out = out[..., :dv].transpose(-2, -1)  # (B, z, dv, nq)
         else:
             # one GEMM gives the whole energy (no broadcast passes over nq x nk), then the
-            # softmax; measured faster than padding to the flash kernel's single width
-            scores = q_aug @ k_aug.transpose(-2, -1)
-            if keep is not None:
-                scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
-            # weights @ v, not vT @ weights^T: the latter hands the softmax backward a
-            # transposed gradient, which costs a copy of the whole nq x nk matrix
-            out = (torch.softmax(scores, dim=-1) @ v).transpose(-2, -1)  # (B, z, dv, nq)
+            # softmax; measured faster than padding to the flash kernel's single width.
+            # The probabilities are kept for a backward without the softmax's own pass.
+            # The key's one-hot columns are constants: no gradient product for them.
+            fixed = hk + wk if (e2 or e4) else 0
+            out = materialized_attention(q_aug, k_aug, v, keep, constant_key_columns=fixed)
+            out = out.transpose(-2, -1)  # (B, z, dv, nq)
         return out.reshape(B, -1, hq, wq)
+
+    def _position_only(self, qT, vT, e3_row, keep, sizes) -> Tensor:  # noqa: ANN001
+        """The fast path with E2 or E4 and without E1: ``softmax(energy) v``.
+
+        Without the content term there is no product to fold the position terms into:
+        the energy is their broadcast sum (and E3's row), ``(B|1, heads, Nq, Nk)``, whose
+        backward is two reductions over key rows and columns.
+        """
+        e1, e2, e3, e4 = self.terms
+        B, hq, wq, hk, wk = sizes
+        z, nq, nk = self.num_heads, hq * wq, hk * wk
+        ex, ey = self._position_energy(qT, sizes)  # (n, z, hq, wq, wk), (n, z, hq, wq, hk)
+        n = ex.shape[0]  # 1 when the position energy is the same for every sample
+        energy = (ey[..., :, None] + ex[..., None, :]).reshape(n, z, nq, nk)
+        if e3:  # then n becomes B
+            energy = energy + e3_row  # (B, z, 1, nk): the key-only term, every query
+        if keep is not None:
+            energy = energy.masked_fill(~keep, torch.finfo(energy.dtype).min)
+        if energy.shape[0] == 1 and B > 1:
+            # E4 alone: one set of weights serves every sample; one GEMM for the batch
+            weights = torch.softmax(energy[0], dim=-1)  # (z, nq, nk)
+            v_heads = vT.transpose(0, 1).reshape(z, -1, nk)  # (z, B*dv, nk)
+            out = (v_heads @ weights.transpose(-2, -1)).reshape(z, B, -1, nq)
+            return out.transpose(0, 1).reshape(B, -1, hq, wq)
+        out = materialized_attention(None, None, vT.transpose(-2, -1), energy)
+        return out.transpose(-2, -1).reshape(B, -1, hq, wq)  # (B, z*dv, hq, wq)
 
     def _position_energy(self, qT: Tensor | None, sizes) -> tuple[Tensor, Tensor]:  # noqa: ANN001
         """``energy_x`` ``(B|1, z, hq, wq, wk)`` and ``energy_y`` ``(B|1, z, hq, wq, hk)``.
