@@ -4,7 +4,8 @@ Every entry (label, model, optional --attn, optional --model-arg list) is traine
 the same schedule, seed and data order; the runner collects test accuracy, parameters,
 forward GFLOPs per image and training images/s into ``results.csv`` and ``results.md``
 after each entry (a stopped study keeps what it has), and rerunning skips entries whose
-run directory already reached the requested epochs.
+run directory already reached the requested epochs. Rows of entries not run this time
+are kept from the existing ``results.csv``, so a study can be completed entry by entry.
 """
 
 from __future__ import annotations
@@ -105,6 +106,18 @@ def cost(entry: Entry, img_size: int = 32) -> tuple[int, float]:
     return params, flops / 1e9
 
 
+def read_rows(out: Path) -> list[dict]:
+    """The rows of an earlier ``results.csv`` in ``out`` (none if there is no file)."""
+    path = out / "results.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["params"] = int(r["params"])
+    return rows
+
+
 def write(out: Path, rows: list[dict]) -> list[str]:
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -131,7 +144,7 @@ def run(entries: list[Entry], args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.subset:
         args.data = str(make_subset(Path(args.data), args.subset, Path(args.runs) / "data"))
-    rows = []
+    rows = read_rows(out)  # entries measured before and not rerun now keep their rows
     for entry in entries:
         run_dir = Path(args.runs) / entry.label
         last = last_row(run_dir)
@@ -151,14 +164,18 @@ def run(entries: list[Entry], args: argparse.Namespace) -> int:
             print(f"{entry.label}: {time.perf_counter() - start:.0f} s", flush=True)
             last = last_row(run_dir)
         params, gflops = cost(entry)
-        rows.append({
+        row = {
             "entry": entry.label, "model": entry.model, "attn": entry.attn or "-",
             "epochs": last["epoch"], "seed": args.seed,
             "train_images": 10 * args.subset if args.subset else "all",
             "test_acc": last["val_acc"],
             "params": params, "gflops_per_image": f"{gflops:.4f}",
             "train_images_per_s": last["images_per_s"],
-        })
+        }
+        rows = [r for r in rows if r["entry"] != entry.label]
+        at = next((i for i, r in enumerate(read_rows(out)) if r["entry"] == entry.label),
+                  len(rows))
+        rows.insert(at, row)
         write(out, rows)
     print("\n".join(write(out, rows)))
     return 0
