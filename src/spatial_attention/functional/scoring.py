@@ -412,7 +412,7 @@ def _probs_and_output(q, k, v, mask, scale, p_out=None, out=None):  # noqa: ANN0
     """Probabilities and output of one batch of blocks (into ``p_out``/``out`` if given)."""
     empty = None
     if q is None:  # no content term: the float mask is the whole energy
-        scores = mask
+        scores = mask if p_out is None else mask.expand(p_out.shape)
     else:
         scores = torch.matmul(q, k.transpose(-2, -1))
         if scale != 1.0:
