@@ -240,9 +240,10 @@ def materialized_attention(
     ``mask``: a boolean keep mask (a query with no kept key gets zero weights) or a float
     energy added to the scores, broadcastable to ``(..., Q, K)``. ``query`` and ``key``
     may both be None: then the float ``mask`` is the whole energy (``softmax(mask) v``).
-    ``constant_key_columns``: the key's last columns are constants (one-hot coordinates
-    that select a per-query energy appended to the query, say), so their gradient is
-    not computed: it is returned as zeros, at the cost of a narrower product.
+    ``constant_key_columns``: the key's last columns are constants that need no gradient
+    (one-hot coordinates that select a per-query energy appended to the query, say). The
+    CPU path skips their gradient product and returns zeros there; the plain path lets
+    autograd compute it as usual, so pass only columns whose gradient is discarded.
     """
     if query is None or key is None:
         if query is not None or key is not None or mask is None or mask.dtype == torch.bool:
@@ -298,9 +299,10 @@ class _ShortKeyAttention(torch.autograd.Function):
     iteration per block): each tile's scores, probabilities and score gradient are used
     while still in cache, and only ``P`` goes to memory. On generalized attention's
     (16, 1024, 256) blocks that took forward + backward from 1.0x to 0.8x of mmcv's
-    computation; on FSLA's leaves it gains ~3%. ``q`` and ``k`` may be None (the float
-    mask is then the whole energy), and ``constant_key_columns`` trailing key columns
-    get zero gradient without a product (see :func:`materialized_attention`).
+    computation; on FSLA's leaves and LSA's windows a few percent at best. ``q`` and
+    ``k`` may be None (the float mask is then the whole energy), and
+    ``constant_key_columns`` trailing key columns get zero gradient without a product
+    (see :func:`materialized_attention`).
     """
 
     @staticmethod
