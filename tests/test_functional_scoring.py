@@ -255,6 +255,7 @@ def test_materialized_attention_any_key_length_matches_the_explicit_math(kind, s
 
 @pytest.mark.parametrize("kind", ["none", "bool_whole", "bool_batched", "float_whole",
                                   "float_batched", "energy_only", "energy_whole",
+                                  "energy_per_head", "float_per_head",
                                   "constant_columns"])
 def test_kept_probabilities_tiled_equal_untiled(kind, monkeypatch):
     """Large batches of blocks run in cache-sized tiles (``TILE_BYTES``); values and every
@@ -275,6 +276,8 @@ def test_kept_probabilities_tiled_equal_untiled(kind, monkeypatch):
         mask[1, 2, 3] = False  # an empty row: zero weights
     elif kind in ("float_whole", "energy_only", "energy_whole"):
         mask = torch.randn(1, 1, Q, K, dtype=torch.float64, requires_grad=True)
+    elif kind == "float_per_head":  # untiled forward (partly broadcast), tiled backward
+        mask = torch.randn(1, h, Q, K, dtype=torch.float64, requires_grad=True)
     elif kind == "float_batched":
         mask = torch.randn(B, h, Q, K, dtype=torch.float64, requires_grad=True)
     elif kind == "constant_columns":
@@ -283,6 +286,9 @@ def test_kept_probabilities_tiled_equal_untiled(kind, monkeypatch):
         mask = torch.randn(B, h, Q, K, dtype=torch.float64, requires_grad=True)
         q = k = None
     elif kind == "energy_whole":  # one energy for every block
+        q = k = None
+    elif kind == "energy_per_head":  # shared by the batch: forward keeps P per head only
+        mask = torch.randn(1, h, Q, K, dtype=torch.float64, requires_grad=True)
         q = k = None
     inputs = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
 

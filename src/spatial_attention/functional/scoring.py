@@ -337,7 +337,9 @@ class _ShortKeyAttention(torch.autograd.Function):
         d_out = d_out.contiguous()
         delta = (d_out * out).sum(-1, keepdim=True)  # rowsum(dP * P), over Q x d
         args = (ctx.scale, ctx.constant_key_columns, need)
-        flat = _flat_blocks(q, k, v, None, p.shape[-2])
+        # tiles where the forward kept P for every block (a broadcast energy keeps fewer)
+        flat = _flat_blocks(q, k, v, p, p.shape[-2]) if p.shape[:-2] == v.shape[:-2] \
+            else None
         if flat is None:
             dq, dk, dv, ds = _block_grads(q, k, v, p, d_out, delta, *args)
             d_mask = ds.sum_to_size(ctx.mask_shape) if need[3] else None  # may be ds itself
