@@ -172,9 +172,11 @@ class GeneralizedAttention(AttentionModule):
     and head). E3 alone (global) keeps mmcv's one-row shortcut; E4 alone shares one
     set of weights across the batch. ``memory_efficient=True`` sends the augmented
     vectors through fused SDPA as well (zero-padded to one head width, which the CPU
-    flash kernel needs), so no ``Nq x Nk`` tensor is formed: half the peak memory for
-    ``'1111'`` at (2, 256, 32, 32), but on CPU it measured 0-15 % slower than the GEMM
-    (benchmarks/generalized_attention.md), hence off by default.
+    flash kernel needs), so no ``Nq x Nk`` tensor is formed: about two thirds of the
+    default path's peak memory for ``'1111'`` at (2, 256, 32, 32) (30 against 45 MiB),
+    but on CPU 15-30 % slower in forward + backward, since the flash kernel recomputes
+    what the default path keeps (benchmarks/generalized_attention.md), hence off by
+    default.
     Explicit path: each term materialised as its own ``(B, heads, Nq, Nk)`` energy,
     summed, masked, softmax; capture records the four terms (zeros for terms switched
     off) and the weights.
