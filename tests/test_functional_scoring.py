@@ -329,6 +329,64 @@ def test_materialized_attention_plain_ops_under_autocast_and_clear_errors(monkey
         materialized_attention(q, q[..., :4], v)
 
 
+@pytest.mark.parametrize("kind", ["bool", "float", "energy_only"])
+def test_materialized_attention_plain_path_matches_the_kept_probabilities(kind, monkeypatch):
+    """Where the custom function does not run (GPU, compile, export, autocast) the plain
+    ops give the same values and gradients, the energy-only form included."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, 7, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    if kind == "bool":
+        mask = torch.rand(5, 7) > 0.5
+        mask[:, 0] = True
+    if kind == "energy_only":
+        q = k = None
+    inputs = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
+
+    def run():
+        out = materialized_attention(q, k, v, mask, 0.5)
+        return [out, *torch.autograd.grad(out.square().sum(), inputs)]
+
+    kept = run()
+    monkeypatch.setattr(scoring, "_kept_probs_apply", lambda t: False)
+    plain = run()
+    for a, b in zip(kept, plain, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_materialized_attention_bad_arguments_are_clear_value_errors():
+    q, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 3)
+    energy = torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="neither and a float mask"):
+        materialized_attention(None, q, v, energy)  # only one of query and key
+    with pytest.raises(ValueError, match="neither and a float mask"):
+        materialized_attention(None, None, v, energy > 0)  # a boolean energy
+    with pytest.raises(ValueError, match="neither and a float mask"):
+        materialized_attention(None, None, v)
+    with pytest.raises(ValueError, match="does not match values"):
+        materialized_attention(None, None, v, torch.randn(1, 2, 4, 5))
+    with pytest.raises(ValueError, match="constant_key_columns"):
+        materialized_attention(q, q, v, constant_key_columns=9)
+    with pytest.raises(ValueError, match="constant_key_columns"):
+        materialized_attention(q, q, v, constant_key_columns=-1)
+
+
+def test_kept_probabilities_tiled_pass_gradcheck(monkeypatch):
+    """float64 gradcheck of the tiled path (one block per tile), float energy included."""
+    monkeypatch.setattr(scoring, "TILE_BYTES", 3 * 4 * 8)
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    energy = torch.randn(2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, e: materialized_attention(a, b, c, e, 0.7), (q, k, v, energy))
+    assert torch.autograd.gradcheck(
+        lambda c, e: materialized_attention(None, None, c, e), (v, energy))
+
+
 def test_attention_clear_errors():
     with pytest.raises(ValueError, match="query dim"):
         attention(torch.randn(1, 3, 4), torch.randn(1, 3, 5), torch.randn(1, 3, 5))

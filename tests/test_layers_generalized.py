@@ -156,22 +156,23 @@ def test_gradcheck_float64_with_strides(attention_type, kw):
         assert torch.autograd.gradcheck(m, (x,), fast_mode=True)
 
 
-@pytest.mark.parametrize("attention_type,kw", [
-    ("1111", {}), ("1001", dict(spatial_range=1)), ("0110", {}), ("0011", {}),
+@pytest.mark.parametrize("attention_type,kw,batch", [
+    ("1111", {}, 3), ("1001", dict(spatial_range=1), 3), ("0110", {}, 3), ("0011", {}, 3),
+    ("0001", {}, 3), ("0001", {}, 1), ("0101", dict(spatial_range=0), 1),
 ])
-def test_fast_path_in_cache_tiles_matches_the_explicit_gradients(attention_type, kw,
+def test_fast_path_in_cache_tiles_matches_the_explicit_gradients(attention_type, kw, batch,
                                                                  monkeypatch):
-    """With the kept probabilities run tile by tile (forced here by a tiny tile), the fast
-    path's output and the gradients of the input and every parameter equal the
-    explicit path's (one-hot key columns carry no gradient, E2/E4 get theirs through the
-    query's position columns)."""
+    """With the kept probabilities run tile by tile (forced here by a tiny tile; at batch
+    1 the two heads' blocks stay one tile), the fast path's output and the gradients of
+    the input and every parameter equal the explicit path's (one-hot key columns carry
+    no gradient, E2/E4 get theirs through the query's position columns)."""
     from spatial_attention.functional import scoring
     monkeypatch.setattr(scoring, "TILE_BYTES", 20 * 20 * 8)  # one 20 x 20 block per tile
     m = _build(attention_type, kv_stride=1, **kw)
     with torch.no_grad():
         m.gamma.fill_(0.5)
-    x = torch.randn(3, 8, 4, 5, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(3, 8, 4, 5, dtype=torch.float64)
+    x = torch.randn(batch, 8, 4, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(batch, 8, 4, 5, dtype=torch.float64)
 
     def grads():
         out = m(x)

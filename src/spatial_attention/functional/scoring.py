@@ -251,7 +251,7 @@ def materialized_attention(
                 "materialized_attention: without a query and key the energy is a float "
                 "mask; pass both query and key, or neither and a float mask"
             )
-        if mask.dim() != value.dim() or mask.shape[-1] != value.shape[-2]:
+        if mask.dim() < 2 or mask.shape[-1] != value.shape[-2]:
             raise ValueError(
                 f"materialized_attention: an energy of shape {tuple(mask.shape)} does not "
                 f"match values of shape {tuple(value.shape)} ((..., Q, K) and (..., K, dv))"
@@ -266,14 +266,8 @@ def materialized_attention(
     if _kept_probs_apply(value):
         return _ShortKeyAttention.apply(query, key, value, mask, scale, constant_key_columns)
     if query is None:
-        scores = mask
-    else:
-        scores = scaled_dot_product_scores(query, key, scale)
-    if mask is not None and mask.dtype == torch.bool:
-        weights = masked_softmax(scores, mask=mask)
-    else:
-        weights = F.softmax(scores if mask is None or query is None else scores + mask, dim=-1)
-    return weights @ value
+        return F.softmax(mask, dim=-1) @ value
+    return attention(query, key, value, mask, scale=scale, fused=False)
 
 
 class _ShortKeyAttention(torch.autograd.Function):

@@ -363,9 +363,7 @@ class GeneralizedAttention(AttentionModule):
         k_aug = torch.cat([t.expand(batch, z, nk, -1) for t in k_parts], -1)
         if shared:  # E4 (+ local range) alone: one set of weights for every sample
             weights = masked_softmax(q_aug @ k_aug.transpose(-2, -1), mask=keep)[0]
-            v_heads = vT.transpose(0, 1).reshape(z, -1, nk)  # (z, B*dv, nk)
-            out = (v_heads @ weights.transpose(-2, -1)).reshape(z, B, -1, nq)
-            return out.transpose(0, 1).reshape(B, -1, hq, wq)
+            return self._batch_shared(weights, vT, (B, hq, wq))
         v = vT.transpose(-2, -1)
         dq, dv = q_aug.shape[-1], v.shape[-1]
         if dq == dv or self.memory_efficient:
@@ -405,14 +403,19 @@ class GeneralizedAttention(AttentionModule):
             energy = energy + e3_row  # (B, z, 1, nk): the key-only term, every query
         if keep is not None:
             energy = energy.masked_fill(~keep, torch.finfo(energy.dtype).min)
-        if energy.shape[0] == 1 and B > 1:
-            # E4 alone: one set of weights serves every sample; one GEMM for the batch
-            weights = torch.softmax(energy[0], dim=-1)  # (z, nq, nk)
-            v_heads = vT.transpose(0, 1).reshape(z, -1, nk)  # (z, B*dv, nk)
-            out = (v_heads @ weights.transpose(-2, -1)).reshape(z, B, -1, nq)
-            return out.transpose(0, 1).reshape(B, -1, hq, wq)
+        if energy.shape[0] == 1 and B > 1:  # E4 alone: the same weights for every sample
+            return self._batch_shared(torch.softmax(energy[0], dim=-1), vT, (B, hq, wq))
         out = materialized_attention(None, None, vT.transpose(-2, -1), energy)
         return out.transpose(-2, -1).reshape(B, -1, hq, wq)  # (B, z*dv, hq, wq)
+
+    def _batch_shared(self, weights: Tensor, vT: Tensor, sizes) -> Tensor:  # noqa: ANN001
+        """``(heads, nq, nk)`` weights that every sample shares, applied to ``vT``
+        ``(B, heads, dv, nk)`` as one GEMM for the whole batch: ``(B, heads*dv, hq, wq)``."""
+        B, hq, wq = sizes
+        z, nq, nk = weights.shape
+        v_heads = vT.transpose(0, 1).reshape(z, -1, nk)  # (z, B*dv, nk)
+        out = (v_heads @ weights.transpose(-2, -1)).reshape(z, B, -1, nq)
+        return out.transpose(0, 1).reshape(B, -1, hq, wq)
 
     def _position_energy(self, qT: Tensor | None, sizes) -> tuple[Tensor, Tensor]:  # noqa: ANN001
         """``energy_x`` ``(B|1, z, hq, wq, wk)`` and ``energy_y`` ``(B|1, z, hq, wq, hk)``.
