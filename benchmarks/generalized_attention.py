@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from spatial_attention import create, explicit_path
+from spatial_attention.bench import keep_freed_memory
+from spatial_attention.functional import scoring
 from spatial_attention.memory import peak_memory_bytes
 
 
@@ -169,8 +171,10 @@ def measure(attention_type: str, args) -> list[dict]:
 
         return fwd, fwd_bwd
 
-    kinds = ("mmcv", "fused", "explicit")
+    kinds = tuple(args.impls)
     runners = {kind: runner(kind) for kind in kinds}
+    if args.profile:
+        profile(runners[kinds[0]][1], f"{attention_type} {kinds[0]}")
     fwd = _interleaved_medians({k: r[0] for k, r in runners.items()}, args.repeats)
     fwd_bwd = _interleaved_medians({k: r[1] for k, r in runners.items()}, args.repeats)
     rows = []
@@ -184,6 +188,18 @@ def measure(attention_type: str, args) -> list[dict]:
             "peak_MiB": round(peak / 2**20, 1),
         })
     return rows
+
+
+def profile(fn, title: str, calls: int = 5) -> None:
+    """Where one call's time goes: torch.profiler's table by op and input shape."""
+    for _ in range(2):
+        fn()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        for _ in range(calls):
+            fn()
+    print(f"\nprofile of {calls} forward + backward calls, {title}:\n")
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=20))
 
 
 def measure_instances(args) -> list[dict]:
@@ -241,8 +257,22 @@ def main() -> None:
     p.add_argument("--instances", action="store_true",
                    help="time deformable_conv, modulated_deformable_conv and dynamic_conv "
                    "(fast vs explicit path) instead of generalized_attention")
+    p.add_argument("--impls", nargs="+", default=["mmcv", "fused", "explicit"],
+                   choices=["mmcv", "fused", "explicit"],
+                   help="implementations to time (one per process: no interleaving effects "
+                   "between them on the heap)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc keeps freed memory (spatial_attention.bench.keep_freed_memory)")
+    p.add_argument("--tile-bytes", type=int, default=None,
+                   help="functional.scoring.TILE_BYTES for the kept probabilities (0: untiled)")
+    p.add_argument("--profile", action="store_true",
+                   help="print a torch.profiler table of the first impl's forward + backward")
     p.add_argument("--out", type=Path, default=None, help="CSV to write")
     args = p.parse_args()
+    if args.keep_freed_memory:
+        print(keep_freed_memory())
+    if args.tile_bytes is not None:
+        scoring.TILE_BYTES = args.tile_bytes if args.tile_bytes > 0 else 2**62
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)

@@ -275,8 +275,9 @@ class _ShortKeyAttention(torch.autograd.Function):
 
     For many small blocks (Swin and Twins windows, BOAT's 49 x 69 leaves, Twins GSA's
     ~49 sub-sampled keys) the CPU flash kernel works tile by tile and is slow in backward:
-    on FSLA's (8, 192, 49, 69) leaves it took 52-54 ms forward + backward where this takes
-    33-36 (benchmarks/boat.md); on Twins LSA's 49 x 49 windows 26 against 16 ms. It keeps the
+    on FSLA's (8, 192, 49, 69) leaves it took 51-54 ms forward + backward where this takes
+    33-36; on Twins LSA's 49 x 49 windows 26 against 16 ms (``benchmarks/kept_probs.py``,
+    2 threads). It keeps the
     probabilities ``P`` (``Q x K`` per block, ``K <=`` :data:`SHORT_KEYS`) for backward:
     a memory cost the flash kernel avoids (on LSA's windows 43 against 25 MiB created in
     forward + backward), so callers opt in (``attention(..., save_probs=True)``). Then
@@ -291,9 +292,11 @@ class _ShortKeyAttention(torch.autograd.Function):
     exceed a few :data:`TILE_BYTES`, forward and backward run over tiles of blocks
     (a short loop over cache-sized groups, as a fused kernel tiles its work; never one
     iteration per block): each tile's scores, probabilities and score gradient are used
-    while still in cache, and only ``P`` goes to memory. On generalized attention's
-    (16, 1024, 256) blocks that took forward + backward from 1.0x to 0.8x of mmcv's
-    computation; on FSLA's leaves and LSA's windows a few percent at best. ``q`` and
+    while still in cache, and only ``P`` goes to memory. In generalized attention
+    (``'1111'``, (2, 256, 32, 32)) that took the module's forward + backward from ~55 to
+    ~40 ms and its peak memory from 59 to 45 MiB (``benchmarks/generalized_attention.py
+    --tile-bytes 0`` against the default); on FSLA's leaves and LSA's windows the cores
+    gain a few percent (``benchmarks/kept_probs.py``). ``q`` and
     ``k`` may be None (the float mask is then the whole energy), and
     ``constant_key_columns`` trailing key columns get zero gradient without a product
     (see :func:`materialized_attention`).

@@ -186,8 +186,9 @@ class FeatureSpaceLocalAttention(AttentionModule):
     (``_LeafGather``; :func:`~spatial_attention.functional.permute.permute_rows` for the
     return to token order); one attention call over all leaves; memory linear in ``N``.
     On CPU that call keeps the ``g x (g + o)`` probabilities of every leaf for backward
-    (``save_probs``, on by default: forward + backward of the grouped attention 54 -> 36
-    ms on (8, 56, 56, 96), for ``4 (g + o)`` bytes per token and head; ``fsla.save_probs
+    (``save_probs``, on by default: forward + backward of the grouped attention 51 -> 33
+    ms on (8, 56, 56, 96), ``benchmarks/kept_probs.py``; for ``4 (g + o)`` bytes per
+    token and head; ``fsla.save_probs
     = False`` gives SDPA's flash kernel and its memory). Explicit path: the same leaves,
     softmax written out and recorded.
 

@@ -113,7 +113,8 @@ class WindowAttention(AttentionModule):
     ``attn.save_probs = True`` (CPU training, windows without a learned bias such as
     Twins LSA) keeps the window probabilities for backward instead of the flash kernel's
     recomputation: LSA's attention core 26 -> 16 ms forward + backward on (8, 56, 56, 64),
-    for about twice the memory the core creates (benchmarks/token_attention.md). Off by
+    for about twice the memory the core creates (``benchmarks/kept_probs.py`` for the
+    core, benchmarks/token_attention.md for the layer). Off by
     default, so peak memory stays below timm's.
 
     Cost: ``2·B·N·C·4C`` (projections) ``+ 4·B·N·M²·C`` (scores and weighting), linear in
