@@ -18,6 +18,7 @@ snapshot given by ``--reference-git`` (a git directory; only this harness rewrit
     python benchmarks/boat.py scaling --threads 2
     python benchmarks/boat.py reference --reference-git /path/to/pytorch-boat/.git \
         --threads 2
+    python benchmarks/boat.py profile --threads 2    # where FSLA's time goes, by op
 """
 
 from __future__ import annotations
@@ -190,6 +191,22 @@ def reference(args: argparse.Namespace) -> None:
                   f"(range {min(ratios):.3f}-{max(ratios):.3f})")
 
 
+def profile(args: argparse.Namespace) -> None:
+    """Where FSLA's forward + backward goes: torch.profiler's table by op and shape."""
+    torch.manual_seed(0)
+    ours = sa.create("fsla", args.dim, args.heads)
+    x = torch.randn(args.batch, args.side, args.side, args.dim, requires_grad=True)
+    for _ in range(2):
+        ours(x).sum().backward()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        for _ in range(args.repeats):
+            ours(x).sum().backward()
+    print(f"fsla, input ({args.batch}, {args.side}, {args.side}, {args.dim}), {args.heads} "
+          f"heads, {torch.get_num_threads()} threads; totals over {args.repeats} calls")
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -215,11 +232,18 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--keep-freed-memory", action="store_true",
                    help="glibc keeps freed blocks: no page faults on reallocation "
                         "(spatial_attention.bench.keep_freed_memory)")
-    for q in (s, r):
+    f = sub.add_parser("profile", help="torch.profiler table of FSLA's forward + backward")
+    f.add_argument("--batch", type=int, default=8)
+    f.add_argument("--side", type=int, default=56)
+    f.add_argument("--dim", type=int, default=96)
+    f.add_argument("--heads", type=int, default=3)
+    f.add_argument("--repeats", type=int, default=5)
+    f.add_argument("--rows", type=int, default=40)
+    for q in (s, r, f):
         q.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    scaling(args) if args.cmd == "scaling" else reference(args)
+    {"scaling": scaling, "reference": reference, "profile": profile}[args.cmd](args)
     return 0
 
 
