@@ -193,18 +193,14 @@ def reference(args: argparse.Namespace) -> None:
 
 def profile(args: argparse.Namespace) -> None:
     """Where FSLA's forward + backward goes: torch.profiler's table by op and shape."""
+    from spatial_attention.bench import profile_table
+
     torch.manual_seed(0)
     ours = sa.create("fsla", args.dim, args.heads)
     x = torch.randn(args.batch, args.side, args.side, args.dim, requires_grad=True)
-    for _ in range(2):
-        ours(x).sum().backward()
-    with torch.profiler.profile(record_shapes=True) as prof:
-        for _ in range(args.repeats):
-            ours(x).sum().backward()
     print(f"fsla, input ({args.batch}, {args.side}, {args.side}, {args.dim}), {args.heads} "
           f"heads, {torch.get_num_threads()} threads; totals over {args.repeats} calls")
-    print(prof.key_averages(group_by_input_shape=True).table(
-        sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(profile_table(lambda: ours(x).sum().backward(), args.repeats, args.rows))
 
 
 def main(argv: list[str] | None = None) -> int:

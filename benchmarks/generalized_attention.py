@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from spatial_attention import create, explicit_path
-from spatial_attention.bench import keep_freed_memory
+from spatial_attention.bench import keep_freed_memory, profile_table
 from spatial_attention.functional import scoring
 from spatial_attention.memory import peak_memory_bytes
 
@@ -192,14 +192,8 @@ def measure(attention_type: str, args) -> list[dict]:
 
 def profile(fn, title: str, calls: int = 5) -> None:
     """Where one call's time goes: torch.profiler's table by op and input shape."""
-    for _ in range(2):
-        fn()
-    with torch.profiler.profile(record_shapes=True) as prof:
-        for _ in range(calls):
-            fn()
     print(f"\nprofile of {calls} forward + backward calls, {title}:\n")
-    print(prof.key_averages(group_by_input_shape=True).table(
-        sort_by="self_cpu_time_total", row_limit=20))
+    print(profile_table(fn, calls))
 
 
 def measure_instances(args) -> list[dict]:

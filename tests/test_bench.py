@@ -275,3 +275,39 @@ def test_cli_bad_input_exits_2_with_one_line(cli, args):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, r.stderr
     assert "Traceback" not in r.stderr and "bench" in lines[0]
+
+
+def test_profile_table_names_the_ops_that_ran_with_their_shapes():
+    from spatial_attention.bench import profile_table
+
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    table = profile_table(lambda: a @ b, calls=3, rows=5)
+    assert "aten::mm" in table and "[8, 16]" in table
+
+
+def test_interleaved_times_rotates_the_order_and_times_every_round():
+    calls = []
+    cases = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    times = bench.interleaved_times(cases, repeats=3, warmup=1)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {n: len(t) for n, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(s >= 0 for t in times.values() for s in t)
+
+
+def test_keep_freed_memory_reports_what_it_did():
+    # in a child process: it changes the allocator of the process that calls it
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "from spatial_attention.bench import keep_freed_memory as k; print(k())"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    import platform
+
+    if platform.libc_ver()[0] == "glibc":
+        assert out == "glibc keeps freed memory (mallopt)"
+    else:  # musl, macOS: mallopt is glibc's
+        assert out in ("mallopt refused: allocator as is", "libc not found: allocator left as is")

@@ -70,6 +70,7 @@ __all__ = [
     "run",
     "interleaved_times",
     "keep_freed_memory",
+    "profile_table",
 ]
 
 #: a backbone stage: ResNet-50's stage 2 output is 28 x 28; 128 channels, batch 8
@@ -266,6 +267,18 @@ def keep_freed_memory() -> str:
     ok = (libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest allowed value
           and libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_top_pad, 256 * 2**20))
     return "glibc keeps freed memory (mallopt)" if ok else "mallopt refused: allocator as is"
+
+
+def profile_table(fn: Callable[[], Any], calls: int = 5, rows: int = 20, warmup: int = 2) -> str:
+    """Where ``fn``'s time goes: ``torch.profiler``'s table of ``calls`` calls, by op and
+    input shape, sorted by self CPU time (``rows`` rows)."""
+    for _ in range(warmup):
+        fn()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        for _ in range(calls):
+            fn()
+    return prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def interleaved_times(
