@@ -262,10 +262,12 @@ def keep_freed_memory() -> str:
     name = ctypes.util.find_library("c")
     if not name:
         return "libc not found: allocator left as is"
-    libc = ctypes.CDLL(name)
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None)  # glibc's; absent on macOS
+    if mallopt is None:
+        return "mallopt refused: allocator as is"
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    ok = (libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest allowed value
-          and libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_top_pad, 256 * 2**20))
+    ok = (mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest allowed value
+          and mallopt(m_trim_threshold, 2**31 - 1) and mallopt(m_top_pad, 256 * 2**20))
     return "glibc keeps freed memory (mallopt)" if ok else "mallopt refused: allocator as is"
 
 
