@@ -70,8 +70,10 @@ __all__ = [
 
 NOISE_MODELS = ("gaussian", "poisson_gaussian")
 #: built-in images used for training; the held-out ones below are never trained on
-TRAIN_IMAGES = ("astronaut", "chelsea", "coffee", "motorcycle", "retina", "rocket")
-TEST_IMAGES = ("camera", "grace_hopper")
+TRAIN_IMAGES = ("astronaut", "chelsea", "coffee", "motorcycle", "retina", "rocket",
+                "brick", "coins", "grass", "hubble", "moon", "page")
+#: held out: a grey photograph, a colour portrait, a grey texture and a colour micrograph
+TEST_IMAGES = ("camera", "grace_hopper", "gravel", "ihc")
 
 
 # -- noise ----------------------------------------------------------------------------------
@@ -301,6 +303,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "max_images": None,
     "noise": "gaussian",
     "sigma": [15.0, 25.0, 50.0],
+    "sigma_range": None,
     "shot": 0.01,
     "read": 0.02,
     "patch": 64,
@@ -327,6 +330,9 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def _sigmas(cfg: dict[str, Any], batch: int, g: torch.Generator) -> Tensor:
+    if cfg.get("sigma_range"):  # blind training: a level drawn uniformly per patch
+        lo, hi = cfg["sigma_range"]
+        return lo + (hi - lo) * torch.rand(batch, generator=g)
     levels = torch.tensor(cfg["sigma"], dtype=torch.float32)
     return levels[torch.randint(len(levels), (batch,), generator=g)]
 
@@ -352,7 +358,8 @@ def _val_set(cfg: dict[str, Any]) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(12345)
     noisy = []
     for i in range(len(cfg["sigma"]) if cfg["noise"] == "gaussian" else 1):
-        sub = {**cfg, "sigma": [cfg["sigma"][i]]} if cfg["noise"] == "gaussian" else cfg
+        sub = ({**cfg, "sigma": [cfg["sigma"][i]], "sigma_range": None}
+               if cfg["noise"] == "gaussian" else cfg)
         noisy.append(_noisy(sub, clean_t, g))
     return torch.cat(noisy), clean_t.repeat(len(noisy), 1, 1, 1)
 
@@ -391,6 +398,9 @@ def _check_cfg(cfg: dict[str, Any]) -> None:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     if any(not s > 0 for s in cfg["sigma"]):
         raise UsageError(f"--sigma levels must be positive, got {cfg['sigma']}")
+    rng = cfg.get("sigma_range")
+    if rng is not None and (len(rng) != 2 or not 0 <= rng[0] < rng[1]):
+        raise UsageError(f"--sigma-range must be two levels 0 <= LO < HI, got {rng}")
 
 
 def train_denoiser(cfg: dict[str, Any], resume: str | os.PathLike | None = None,
@@ -544,7 +554,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, help="use at most this many images")
     parser.add_argument("--noise", choices=NOISE_MODELS, help="default gaussian")
     parser.add_argument("--sigma", type=float, nargs="+",
-                        help="Gaussian levels (0..255) drawn per image (default 15 25 50)")
+                        help="Gaussian levels (0..255) drawn per image (default 15 25 50); "
+                        "with --sigma-range, the levels validated at")
+    parser.add_argument("--sigma-range", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="blind training: draw each patch's level uniformly in [LO, HI]")
     parser.add_argument("--shot", type=float, help=f"Poisson-Gaussian a ({d['shot']})")
     parser.add_argument("--read", type=float, help=f"Poisson-Gaussian b ({d['read']})")
     parser.add_argument("--patch", type=int, help=f"crop size ({d['patch']}; official 128)")

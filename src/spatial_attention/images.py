@@ -37,6 +37,15 @@ _BUILTINS: dict[str, tuple[str, str]] = {
     "retina": ("skimage", "data/retina.jpg"),
     "rocket": ("skimage", "data/rocket.jpg"),
     "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+    # more natural content for the denoisers' training and held-out sets
+    "brick": ("skimage", "data/brick.png"),
+    "coins": ("skimage", "data/coins.png"),
+    "grass": ("skimage", "data/grass.png"),
+    "gravel": ("skimage", "data/gravel.png"),
+    "hubble": ("skimage", "data/hubble_deep_field.jpg"),
+    "ihc": ("skimage", "data/ihc.png"),
+    "moon": ("skimage", "data/moon.png"),
+    "page": ("skimage", "data/page.png"),
 }
 
 

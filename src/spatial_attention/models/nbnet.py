@@ -191,6 +191,16 @@ def nbnet_small(**kwargs: Any) -> NBNet:
     return NBNet(**kwargs)
 
 
+@register_model("nbnet_medium", paper=_PAPER, year=2021, family="restoration")
+def nbnet_medium(**kwargs: Any) -> NBNet:
+    """NBNet at width 16, depth 4, skip width 64 (1.0M parameters): the shipped denoisers'
+    size, chosen for a CPU training budget of a few hours."""
+    kwargs.setdefault("width", 16)
+    kwargs.setdefault("depth", 4)
+    kwargs.setdefault("skip_mid", 64)
+    return NBNet(**kwargs)
+
+
 # -- official checkpoints -------------------------------------------------------------------
 
 _SUBNET = re.compile(r"^up_path\.(\d+)\.subnet\.")
