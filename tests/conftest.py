@@ -37,3 +37,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--sweep-long", action="store_true", default=False,
+                     help="run the random sweep (tests/test_sweep.py) with 10x more cases")

@@ -6,7 +6,10 @@ bare shape error from deep inside ``view``.
 
 from __future__ import annotations
 
-from torch import Tensor
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
 
 _LAYOUT_AXES = {
     "map": "(B, C, H, W)",
@@ -43,8 +46,86 @@ def check_layout(name: str, x: Tensor, layout: str, channels: int | None = None)
                 + (" (is the input (B, C, H, W)? token mixers take (B, H, W, C))"
                    if layout == "tokens" and x.shape[1] == channels else "")
             )
+    check_floating(name, x)
     if any(s == 0 for s in x.shape):
         raise ValueError(f"{name}: got an empty tensor of shape {tuple(x.shape)}")
+
+
+def check_floating(name: str, x: Tensor, what: str = "input") -> None:
+    """Attention is real arithmetic: integer, bool and complex tensors are refused."""
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{name}: expected a floating-point {what} (float32, float64, bfloat16 or "
+            f"float16), got dtype {x.dtype}"
+        )
+
+
+def check_dtype_matches(name: str, x: Tensor, module: nn.Module) -> None:
+    """An input whose float dtype differs from the parameters' outside autocast.
+
+    Torch would fail later with "mat1 and mat2 must have the same dtype" (or silently
+    promote); the message here says what to do instead. Under autocast the mix is
+    intended, and parameter-free modules take any float dtype.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    for p in module.parameters():
+        if p.is_floating_point():
+            if p.dtype != x.dtype:
+                raise ValueError(
+                    f"{name}: input dtype {x.dtype} differs from the parameters' {p.dtype}; "
+                    f"convert the module (.to({x.dtype})) or the input (.to({p.dtype})), "
+                    "or run under torch.autocast"
+                )
+            return
+
+
+def check_valid_lens(
+    name: str,
+    valid_lens: Tensor | Sequence[int] | None,
+    batch: int,
+    num_keys: int,
+    num_queries: int | None = None,
+    device: torch.device | None = None,
+) -> Tensor | None:
+    """Validate ``valid_lens`` and return it as an integer tensor (or None).
+
+    Accepts a tensor, list or tuple of shape ``(batch,)`` (or ``(batch, num_queries)``
+    when ``num_queries`` is given). Lengths must be integers in ``[0, num_keys]``.
+    The value check reads the tensor back to the host, so it is skipped while a graph
+    is being traced (compile, export), where it would break the graph.
+    """
+    if valid_lens is None:
+        return None
+    if isinstance(valid_lens, (list, tuple)):
+        try:
+            valid_lens = torch.tensor(valid_lens, device=device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{name}: valid_lens {valid_lens!r} is not a list of integers "
+                             f"({exc})") from None
+    if not isinstance(valid_lens, Tensor):
+        raise ValueError(f"{name}: valid_lens must be a tensor, list or tuple of integers, "
+                         f"got {type(valid_lens).__name__}")
+    if valid_lens.is_floating_point() or valid_lens.is_complex() or \
+            valid_lens.dtype == torch.bool:
+        raise ValueError(f"{name}: valid_lens must be integers, got dtype {valid_lens.dtype}")
+    shapes = [(batch,)] + ([] if num_queries is None else [(batch, num_queries)])
+    if tuple(valid_lens.shape) not in shapes:
+        expected = " or ".join(str(s) for s in shapes)
+        wrong_batch = valid_lens.dim() == 0 or valid_lens.shape[0] != batch
+        raise ValueError(
+            f"{name}: valid_lens must have shape {expected}, got {tuple(valid_lens.shape)}"
+            + (f" (one length per sample of the batch of {batch})" if wrong_batch else "")
+        )
+    from .tracing import building_graph, exporting_graph
+
+    if not (building_graph() or exporting_graph()):
+        bad = (valid_lens < 0) | (valid_lens > num_keys)
+        if bool(bad.any()):
+            first = valid_lens[bad].flatten()[0].item()
+            raise ValueError(f"{name}: valid_lens must be in [0, {num_keys}] (the key count), "
+                             f"got {first}")
+    return valid_lens
 
 
 def check_positive(name: str, **values: float) -> None:

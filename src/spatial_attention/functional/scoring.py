@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..checks import check_valid_lens
 from ..tracing import building_graph
 
 __all__ = [
@@ -81,10 +82,8 @@ def masked_softmax(
         return F.softmax(scores, dim=-1)
     keep = None
     if valid_lens is not None:
-        if valid_lens.shape[0] != scores.shape[0]:
-            raise ValueError(
-                f"valid_lens has batch {valid_lens.shape[0]} but scores have {scores.shape[0]}"
-            )
+        valid_lens = check_valid_lens("masked_softmax", valid_lens, scores.shape[0],
+                                      scores.shape[-1], scores.shape[-2], scores.device)
         keep = valid_lens_to_mask(valid_lens, scores.shape[-2], scores.shape[-1], scores.dim())
     if mask is not None:
         if mask.dtype != torch.bool:

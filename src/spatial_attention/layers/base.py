@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_layout
+from ..checks import check_dtype_matches, check_layout
 
 Recorder = Callable[[nn.Module, Tensor], None]
 
@@ -62,8 +62,9 @@ class AttentionModule(nn.Module):
         return names[0] if names else type(self).__name__
 
     def check_input(self, x: Tensor, channels: int | None = None) -> None:
-        """Rank and channels of ``x`` for this module's layout, as a clear ValueError."""
+        """Rank, channels and dtype of ``x`` for this module's layout, as a clear ValueError."""
         check_layout(self.mechanism_name, x, self.layout, channels)
+        check_dtype_matches(self.mechanism_name, x, self)
 
     # -- benchmarks and visualisation ------------------------------------------------
     @classmethod

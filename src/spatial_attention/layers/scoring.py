@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_divisible, check_positive, check_probability, check_rank
+from ..checks import (
+    check_divisible,
+    check_dtype_matches,
+    check_floating,
+    check_positive,
+    check_probability,
+    check_rank,
+    check_valid_lens,
+)
 from ..functional.scoring import additive_scores, attention, masked_softmax, valid_lens_to_mask
 from ..registry import register
 from .base import AttentionModule
@@ -23,6 +31,9 @@ __all__ = ["DotProductAttention", "AdditiveAttention", "MultiHeadAttention"]
 def _check_qkv(name: str, queries: Tensor, keys: Tensor, values: Tensor) -> None:
     for label, t in (("queries", queries), ("keys", keys), ("values", values)):
         check_rank(f"{name} {label}", t, 3, "(B, N, C)")
+        check_floating(name, t, label)
+        if t.numel() == 0:
+            raise ValueError(f"{name}: got empty {label} of shape {tuple(t.shape)}")
     if not (queries.shape[0] == keys.shape[0] == values.shape[0]):
         raise ValueError(
             f"{name}: batch sizes differ: queries {queries.shape[0]}, keys {keys.shape[0]}, "
@@ -30,20 +41,6 @@ def _check_qkv(name: str, queries: Tensor, keys: Tensor, values: Tensor) -> None
         )
     if keys.shape[1] != values.shape[1]:
         raise ValueError(f"{name}: {keys.shape[1]} keys but {values.shape[1]} values")
-
-
-def _check_valid_lens(name: str, valid_lens: Tensor | None, batch: int, queries: int) -> None:
-    if valid_lens is None:
-        return
-    if (
-        valid_lens.dim() not in (1, 2)
-        or valid_lens.shape[0] != batch
-        or (valid_lens.dim() == 2 and valid_lens.shape[1] != queries)
-    ):
-        raise ValueError(
-            f"{name}: valid_lens must have shape ({batch},) or ({batch}, {queries}), got "
-            f"{tuple(valid_lens.shape)}"
-        )
 
 
 @register(
@@ -91,7 +88,8 @@ class DotProductAttention(AttentionModule):
             raise ValueError(
                 f"{self.mechanism_name}: query dim {queries.shape[-1]} != key dim {keys.shape[-1]}"
             )
-        _check_valid_lens(self.mechanism_name, valid_lens, queries.shape[0], queries.shape[1])
+        valid_lens = check_valid_lens(self.mechanism_name, valid_lens, queries.shape[0],
+                                      keys.shape[1], queries.shape[1], queries.device)
         mask = None
         if valid_lens is not None:
             mask = valid_lens_to_mask(valid_lens, queries.shape[1], keys.shape[1], 3)
@@ -165,7 +163,9 @@ class AdditiveAttention(AttentionModule):
                 f"{name}: expected query dim {self.W_q.in_features} and key dim "
                 f"{self.W_k.in_features}, got {queries.shape[-1]} and {keys.shape[-1]}"
             )
-        _check_valid_lens(name, valid_lens, queries.shape[0], queries.shape[1])
+        check_dtype_matches(name, queries, self)
+        valid_lens = check_valid_lens(name, valid_lens, queries.shape[0], keys.shape[1],
+                                      queries.shape[1], queries.device)
         scores = additive_scores(
             queries, keys, self.W_q.weight, self.W_k.weight, self.w_v.weight[0]
         )  # (B, Q, K)
@@ -255,7 +255,9 @@ class MultiHeadAttention(AttentionModule):
                 raise ValueError(
                     f"{name}: expected {label} with {c} channels, got {tuple(t.shape)}"
                 )
-        _check_valid_lens(name, valid_lens, query.shape[0], query.shape[1])
+        check_dtype_matches(name, query, self)
+        valid_lens = check_valid_lens(name, valid_lens, query.shape[0], key.shape[1],
+                                      query.shape[1], query.device)
         q, k, v = (
             self._heads(self.q_proj(query)),
             self._heads(self.k_proj(key)),

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_layout, check_positive
+from ..checks import check_dtype_matches, check_layout, check_positive
 from ..registry import register
 from .base import AttentionModule
 
@@ -277,6 +277,7 @@ class SubspaceAttention(AttentionModule):
                     "needs a guide tensor (B, guide_channels, H, W)"
                 )
             check_layout("ssa", guide, "map", self.guide_channels)
+            check_dtype_matches("ssa", guide, self)
             if guide.shape[0] != x.shape[0] or guide.shape[-2:] != x.shape[-2:]:
                 raise ValueError(
                     f"ssa: guide shape {tuple(guide.shape)} does not match x "

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_divisible, check_positive, check_probability
+from ..checks import check_dtype_matches, check_floating, check_divisible, check_positive, check_probability
 from ..functional.scoring import attention
 from ..registry import register
 from .base import AttentionModule
@@ -66,6 +66,8 @@ class ClipAttention(AttentionModule):
             )
         if any(s == 0 for s in x.shape):
             raise ValueError(f"{name}: got an empty tensor of shape {tuple(x.shape)}")
+        check_floating(name, x)
+        check_dtype_matches(name, x, self)
 
     @classmethod
     def example(

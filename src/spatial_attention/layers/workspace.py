@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_divisible, check_positive
+from ..checks import check_divisible, check_positive, check_valid_lens
 from ..functional.scoring import attention, masked_softmax, sequence_mask
 from ..registry import register
 from .base import AttentionModule
@@ -196,23 +196,12 @@ class SharedWorkspace(AttentionModule):
         return torch.sigmoid(i + self.input_bias), torch.sigmoid(f + self.forget_bias)
 
     # -- forward --------------------------------------------------------------------
-    def _check(self, x: Tensor, valid_lens: Tensor | None, memory: Tensor | None) -> None:
+    def _check(self, x: Tensor, valid_lens: Tensor | None,
+               memory: Tensor | None) -> Tensor | None:
         name = self.mechanism_name
         self.check_input(x, self.dim)
         B = x.shape[0]
-        if valid_lens is not None:
-            if not isinstance(valid_lens, Tensor) or valid_lens.dim() != 1 or (
-                valid_lens.shape[0] != B
-            ):
-                shape = tuple(valid_lens.shape) if isinstance(valid_lens, Tensor) else valid_lens
-                raise ValueError(
-                    f"{name}: valid_lens must have shape ({B},) (one length per sample; "
-                    f"the slots read every valid position), got {shape}"
-                )
-            if valid_lens.is_floating_point() or valid_lens.is_complex() or (
-                valid_lens.dtype == torch.bool
-            ):
-                raise ValueError(f"{name}: valid_lens must be integers, got {valid_lens.dtype}")
+        valid_lens = check_valid_lens(name, valid_lens, B, x.shape[1], device=x.device)
         if memory is not None:
             expected = (B, self.num_slots, self.dim)
             if not isinstance(memory, Tensor) or tuple(memory.shape) != expected:
@@ -220,6 +209,7 @@ class SharedWorkspace(AttentionModule):
                 raise ValueError(
                     f"{name}: memory must have shape (B, num_slots, dim) = {expected}, got {got}"
                 )
+        return valid_lens
 
     def forward(
         self,
@@ -228,7 +218,7 @@ class SharedWorkspace(AttentionModule):
         memory: Tensor | None = None,
         return_memory: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        self._check(x, valid_lens, memory)
+        valid_lens = self._check(x, valid_lens, memory)
         B, N, C = x.shape
         if memory is None:
             memory = self.initial_memory(B, x.dtype, x.device)
