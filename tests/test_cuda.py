@@ -109,3 +109,51 @@ def test_window_attention_flex_path_cuda():
         expected = attn(x)
         attn.flex = True
         torch.testing.assert_close(attn(x), expected, atol=1e-4, rtol=1e-4)
+
+
+# -- the conformance promises on the device, under autocast ------------------------------
+
+NAMES = sa.list_mechanisms()
+# the token and sequence mechanisms whose fast path hands attention to SDPA's fused
+# kernels on CUDA (README: "fused F.scaled_dot_product_attention")
+FUSED_ON_CUDA = ["global_attention", "twins_gsa", "multi_head", "scaled_dot_product",
+                 "window_attention", "shifted_window_attention", "twins_lsa",
+                 "cswin_attention", "temporal", "multi_view_concat_attention"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_every_mechanism_on_cuda_under_autocast(name, dtype):
+    torch.manual_seed(0)
+    module, inputs = sa.info(name).cls.example(name, 2, 32, (9, 7))
+    module = module.eval()
+    with torch.no_grad():
+        ref = module(*inputs)
+    gpu = module.cuda()
+    xs = tuple(t.cuda() for t in inputs)
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32,
+                                         enabled=dtype is not None):
+        out = gpu(*xs)
+        with explicit_path(gpu):
+            explicit = gpu(*xs)
+    assert torch.isfinite(out).all()
+    tol = 1e-4 if dtype is None else 5e-2
+    rel = float((out.float().cpu() - ref).norm() / ref.norm().clamp_min(1e-12))
+    assert rel < tol, (name, dtype, rel)
+    torch.testing.assert_close(out.float(), explicit.float(), atol=tol * 10, rtol=tol * 10)
+
+
+@pytest.mark.parametrize("name", FUSED_ON_CUDA)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_paths_run_on_flash_or_efficient_kernels(name, dtype):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    module, inputs = sa.info(name).cls.example(name, 2, 64, (14, 14))
+    gpu = module.cuda().train()
+    xs = tuple(t.cuda().requires_grad_() for t in inputs)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]), \
+            torch.autocast("cuda", dtype=dtype):
+        out = gpu(*xs)
+    out.float().sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(xs[0].grad).all()
