@@ -36,9 +36,16 @@ def bilinear_corners(y: Tensor, x: Tensor, height: int, width: int) -> tuple[Ten
 
     ``y``, ``x``: positions of any shape ``S`` in pixels. Returns ``index`` (long,
     ``(4, *S)``, into a flattened ``height * width`` map, clamped so it is always valid)
-    and ``weight`` (``(4, *S)``, zero for corners outside the map), corners ordered
+    and ``weight`` (``(4, *S)``, zero for corners outside the map, infinite positions
+    included; NaN for a NaN position, so NaN offsets propagate), corners ordered
     top-left, top-right, bottom-left, bottom-right.
     """
+    # Every point at or beyond -2 / size + 1 has all four corners outside, so the clamp
+    # changes no finite result; it turns an infinite position into an ordinary
+    # out-of-range one (zero weight, as torchvision's range test) instead of inf - inf.
+    # clamp keeps NaN, so a NaN position gives NaN weights below.
+    y = y.clamp(-2, height + 1)
+    x = x.clamp(-2, width + 1)
     y0, x0 = torch.floor(y), torch.floor(x)
     ly, lx = y - y0, x - x0  # distance past the top-left corner, in [0, 1)
     hy, hx = 1 - ly, 1 - lx
@@ -46,8 +53,11 @@ def bilinear_corners(y: Tensor, x: Tensor, height: int, width: int) -> tuple[Ten
     xs = torch.stack((x0, x0 + 1, x0, x0 + 1))
     w = torch.stack((hy * hx, hy * lx, ly * hx, ly * lx))
     inside = (ys >= 0) & (ys <= height - 1) & (xs >= 0) & (xs <= width - 1)
-    index = ys.clamp(0, height - 1).long() * width + xs.clamp(0, width - 1).long()
-    return index, w * inside
+    # a NaN corner would become INT64_MIN (an out-of-bounds gather): read pixel 0 there
+    # instead; its weight is NaN * 0 = NaN, so the NaN still reaches the output
+    row = ys.clamp(0, height - 1).nan_to_num(0.0).long()
+    col = xs.clamp(0, width - 1).nan_to_num(0.0).long()
+    return row * width + col, w * inside
 
 
 def check_deform_args(
@@ -102,12 +112,16 @@ def check_deform_args(
 def deform_sampling_positions(
     offset: Tensor, kernel_size: tuple[int, int], stride, padding, dilation
 ) -> tuple[Tensor, Tensor]:
-    """``(y, x)`` sampling positions, each ``(B, G, K, Ho, Wo)``, of every tap."""
+    """``(y, x)`` sampling positions, each ``(B, G, K, Ho, Wo)``, of every tap, in float32
+    (float64 for float64 offsets)."""
     B, _, ho, wo = offset.shape
     kh, kw = kernel_size
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    off = offset.unflatten(1, (-1, kh * kw, 2))  # (B, G, K, 2, Ho, Wo)
-    kw_ = dict(device=offset.device, dtype=offset.dtype)
+    # at least float32, as torchvision computes them: in bfloat16 (autocast) a position
+    # past 64 px would be rounded to half a pixel, past 128 to a whole one
+    dtype = torch.promote_types(offset.dtype, torch.float32)
+    off = offset.to(dtype).unflatten(1, (-1, kh * kw, 2))  # (B, G, K, 2, Ho, Wo)
+    kw_ = dict(device=offset.device, dtype=dtype)
     tap_y = (torch.arange(kh, **kw_) * dh).repeat_interleave(kw)  # (K,)
     tap_x = (torch.arange(kw, **kw_) * dw).repeat(kh)
     grid_y = torch.arange(ho, **kw_) * sh - ph  # (Ho,)
@@ -158,6 +172,7 @@ def deform_conv2d(
     index, w = bilinear_corners(y, x, H, W)  # (4, B, G, K, Ho, Wo)
     if mask is not None:
         w = w * mask.reshape(1, B, G, K, ho, wo)
+    w = w.to(input.dtype)  # the weights were formed in float32; the product need not be
     flat = input.reshape(B, G, cg, H * W)
     index = index.reshape(4, B, G, 1, K * L)
     w = w.reshape(4, B, G, 1, K * L)
@@ -195,6 +210,7 @@ def deform_conv2d_explicit(
     out = input.new_zeros(B, cout, ho * wo)
     for k in range(kh * kw):
         index, w = bilinear_corners(y[:, :, k], x[:, :, k], H, W)  # (4, B, G, Ho, Wo)
+        w = w.to(input.dtype)
         tap = input.new_zeros(B, G, cg, ho * wo)
         for c in range(4):
             idx = index[c].reshape(B, G, 1, ho * wo).expand(B, G, cg, ho * wo)

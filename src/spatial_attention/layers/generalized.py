@@ -13,12 +13,14 @@ softmax over keys of a sum of four terms:
 * E4 ``v_m^T V_m^R R_(k-q)``: relative position only (a learned vector ``v_m``).
 
 The reference implementation is mmcv's ``GeneralizedAttention``; this module keeps its
-constructor arguments, parameter names, initialisation and numerics, so an mmcv state
-dict loads unchanged (see :class:`GeneralizedAttention`).
+constructor arguments, parameter names, initialisation and numerics (but for its E2
+without E4 branch, see ``mmcv_compat``), so an mmcv state dict loads unchanged (see
+:class:`GeneralizedAttention`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -155,6 +157,15 @@ class GeneralizedAttention(AttentionModule):
     maps up to 84 or 42 pixels; here it works for any channels and size. With E3 alone
     and a local range mmcv applies the window of query ``(0, 0)`` to every query (its
     E3-only shortcut keeps one query row); here each query gets its own window.
+    For E2 without E4 (types ``0100``, ``0110``, ``1100``, ``1110``) this module computes
+    the paper's E2, ``q_(h,w) . (P_x(w, kx) + P_y(h, ky))``; mmcv's branch for these types
+    matches the row term against the query at the transposed position,
+    ``q_(h,w) . P_x(w, kx) + q_(w,h) . P_y(h, ky)`` (a batched matmul over the query
+    columns against one over the query rows), so it differs from the paper on every
+    non-symmetric map and raises on non-square ones. ``mmcv_compat=True`` reproduces
+    that branch exactly for square query maps (and raises a ValueError on non-square
+    ones, where mmcv fails); it changes nothing for the other eleven types, nor mmcv's
+    other deviations listed here.
 
     Fast path. E1 (with E3 folded in as ``q + appr_bias``) is one fused
     ``F.scaled_dot_product_attention`` call (scale 1, the local window as a boolean
@@ -195,6 +206,7 @@ class GeneralizedAttention(AttentionModule):
         q_stride: int = 1,
         attention_type: str = "1111",
         memory_efficient: bool = False,
+        mmcv_compat: bool = False,
     ) -> None:
         super().__init__()
         e1, e2, e3, e4 = parse_attention_type(attention_type)
@@ -228,6 +240,9 @@ class GeneralizedAttention(AttentionModule):
         self.attention_type = attention_type
         self.terms = (e1, e2, e3, e4)
         self.memory_efficient = bool(memory_efficient)
+        self.mmcv_compat = bool(mmcv_compat)
+        # only mmcv's E2-without-E4 branch differs from the paper's formula
+        self._transposed_e2y = self.mmcv_compat and e2 and not e4
         self.qk_embed_dim = self.v_dim = in_channels // num_heads
         out_c = self.qk_embed_dim * num_heads
 
@@ -258,7 +273,8 @@ class GeneralizedAttention(AttentionModule):
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, num_heads={self.num_heads}, "
                 f"attention_type='{self.attention_type}', kv_stride={self.kv_stride}, "
-                f"q_stride={self.q_stride}, spatial_range={self.spatial_range}")
+                f"q_stride={self.q_stride}, spatial_range={self.spatial_range}"
+                + (", mmcv_compat=True" if self.mmcv_compat else ""))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         # mmcv stores its local-range table as a frozen parameter; the mask is recomputed
@@ -272,11 +288,21 @@ class GeneralizedAttention(AttentionModule):
     def _positions(self, hq: int, wq: int, hk: int, wk: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """``P_x`` ``(heads, wq, wk, d)`` and ``P_y`` ``(heads, hq, hk, d)``, over sqrt(2)."""
         z, d = self.num_heads, self.qk_embed_dim
-        kw = dict(device=x.device, dtype=x.dtype)
+        # The phases reach (map size) radians: in bfloat16 (the conv outputs' dtype under
+        # autocast) their sines would be off by up to ~0.1, so the sinusoids are always
+        # formed in at least float32, as mmcv does for a float32 input; the projection
+        # below then runs in the autocast dtype (or the weights' dtype) like any linear.
+        weight = self.appr_geom_fc_x.weight
+        kw = dict(device=x.device, dtype=torch.promote_types(weight.dtype, torch.float32))
         args = (self.q_stride, self.kv_stride, self.position_embedding_dim,
                 self.position_magnitude)
-        emb_x = relative_sinusoid(wq, wk, *args, **kw)  # (wq, wk, pos_dim/2)
-        emb_y = relative_sinusoid(hq, hk, *args, **kw)
+        device = x.device.type
+        autocast = torch.amp.is_autocast_available(device)  # not on meta (FLOP counts)
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+            emb_x = relative_sinusoid(wq, wk, *args, **kw)  # (wq, wk, pos_dim/2)
+            emb_y = relative_sinusoid(hq, hk, *args, **kw)
+        if not (autocast and torch.is_autocast_enabled(device)):
+            emb_x, emb_y = emb_x.to(weight.dtype), emb_y.to(weight.dtype)
         px = self.appr_geom_fc_x(emb_x).reshape(wq, wk, z, d).permute(2, 0, 1, 3)
         py = self.appr_geom_fc_y(emb_y).reshape(hq, hk, z, d).permute(2, 0, 1, 3)
         return px / math.sqrt(2), py / math.sqrt(2)
@@ -290,6 +316,13 @@ class GeneralizedAttention(AttentionModule):
         H, W = x.shape[-2:]
         x_q = x[:, :, :: self.q_stride, :: self.q_stride] if self.q_stride > 1 else x
         x_kv = x[:, :, :: self.kv_stride, :: self.kv_stride] if self.kv_stride > 1 else x
+        if self._transposed_e2y and x_q.shape[-2] != x_q.shape[-1]:
+            raise ValueError(
+                f"{_NAME}: mmcv_compat=True with attention_type '{self.attention_type}' "
+                f"needs a square query map, got {tuple(x_q.shape[-2:])} (input "
+                f"{H}x{W}, q_stride {self.q_stride}): mmcv's E2-without-E4 branch reads "
+                "the query at the transposed position and fails on non-square maps"
+            )
         keep = None
         if self.spatial_range >= 0:
             keep = local_keep_mask(x_q.shape[-2:], x_kv.shape[-2:], self.spatial_range,
@@ -433,6 +466,8 @@ class GeneralizedAttention(AttentionModule):
             if e4:
                 c = c + self.geom_bias.reshape(1, z, d, 1, 1)
             ex = torch.einsum("bzdhw,zwkd->bzhwk", c, px)
+            if self._transposed_e2y:  # mmcv: query (w, h) against row h's P_y
+                c = c.transpose(-2, -1)
             ey = torch.einsum("bzdhw,zhjd->bzhwj", c, py)
             return ex, ey
         g = self.geom_bias.reshape(z, d)
@@ -452,6 +487,8 @@ class GeneralizedAttention(AttentionModule):
         if e2:  # E2: q . (P_x + P_y)
             qg = q.reshape(B, z, hq, wq, -1)
             ex = torch.einsum("bzhwd,zwkd->bzhwk", qg, px)
+            if self._transposed_e2y:  # mmcv: query (w, h) against row h's P_y
+                qg = qg.transpose(2, 3)
             ey = torch.einsum("bzhwd,zhjd->bzhwj", qg, py)
             terms[1] = (ey[..., :, None] + ex[..., None, :]).reshape(B, z, nq, nk)
         if e3:  # E3: appr_bias . k, the same for every query

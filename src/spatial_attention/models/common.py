@@ -69,17 +69,18 @@ class Mlp(nn.Module):
 class PreNormBlock(nn.Module):
     """``x + DropPath(attn(LN(x)))``, then ``x + DropPath(MLP(LN(x)))``: the transformer
     block of Swin and Twins (and ViT), whatever the token mixer ``attn``. Names
-    ``norm1``, ``attn``, ``norm2``, ``mlp`` as in the official code and timm."""
+    ``norm1``, ``attn``, ``norm2``, ``mlp`` as in the official code and timm.
+    ``norm_eps``: the LayerNorms' epsilon (PyTorch's 1e-5 for Swin; Twins uses 1e-6)."""
 
     def __init__(
         self, dim: int, attn: nn.Module, mlp_ratio: float = 4.0, drop: float = 0.0,
-        drop_path: float = 0.0,
+        drop_path: float = 0.0, norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = attn
         self.drop_path1 = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path2 = DropPath(drop_path)
 

@@ -76,7 +76,9 @@ class TwinsBlock(PreNormBlock):
             attn = GlobalSubsampledAttention(
                 dim, num_heads, sr_ratio=sr_ratio, attn_drop=attn_drop, proj_drop=drop
             )
-        super().__init__(dim, attn, mlp_ratio, drop, drop_path)
+        # eps 1e-6 as the official Twins and timm build every block norm; it matters
+        # whenever a token's variance is near 1e-5
+        super().__init__(dim, attn, mlp_ratio, drop, drop_path, norm_eps=1e-6)
 
 
 class Twins(nn.Module):
@@ -135,7 +137,7 @@ class Twins(nn.Module):
         self.pos_block = nn.ModuleList(PositionEncodingGenerator(d) for d in embed_dims)
         self.num_features = embed_dims[-1]
         self.stage_dims = tuple(embed_dims)
-        self.norm = nn.LayerNorm(self.num_features)
+        self.norm = nn.LayerNorm(self.num_features, eps=1e-6)  # as the official code
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         self.apply(init_transformer_weights)
 
