@@ -55,18 +55,31 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .models import list_models, model_info
+    from . import info
+    from .models import ModelInfo
 
-    if args.name in list_models():
-        mi = model_info(args.name)
-        print(f"{mi.name}: {mi.summary}\n  family: {mi.family}\n  paper:  {mi.paper}")
+    found = info(args.name)
+    if isinstance(found, ModelInfo):
+        print(f"{found.name}: {found.summary}\n  family: {found.family}\n  paper:  {found.paper}")
         return 0
-    print(registry.info(args.name).describe())
+    print(found.describe())
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spatial-attention")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from . import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Attention mechanisms for vision models.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

@@ -235,14 +235,17 @@ def _to_uint8(x: Tensor) -> np.ndarray:
 
 
 def load_clean_images(source: str = "builtin", split: str = "train",
-                      max_images: int | None = None, size: int | None = None
-                      ) -> list[Tensor]:
+                      max_images: int | None = None, size: int | None = None,
+                      unreadable: list[str] | None = None) -> list[Tensor]:
     """Clean training / test images as ``(3, H, W)`` float tensors in [0, 1].
 
     ``source``: ``"builtin"`` (the packages' sample images: :data:`TRAIN_IMAGES` for
     ``split="train"``, :data:`TEST_IMAGES` for ``"test"``), a directory of images, or an
     uncompressed tar such as ``cifar10/train.tar`` (read in place by ``data.TarDataset``).
+    Unreadable images are skipped, as ``train`` skips them, and their names appended to
+    ``unreadable`` when it is given; none readable at all is a UsageError.
     """
+    skipped = unreadable if unreadable is not None else []
     from .images import builtin_images, load_image
 
     if source == "builtin":
@@ -262,14 +265,32 @@ def load_clean_images(source: str = "builtin", split: str = "train",
         n = len(ds) if not max_images else min(max_images, len(ds))
         # a strided subset, so a small max_images still spans the classes
         idx = np.linspace(0, len(ds) - 1, n).round().astype(int)
-        return [ds.decode(int(i)).float() / 255.0 for i in idx]
+        images = []
+        for i in idx:
+            img, label, _ = ds[int(i)]  # label -1: unreadable, as in the training data
+            if label < 0:
+                skipped.append(ds.describe(int(i)))
+            else:
+                images.append(img.float() / 255.0)
+        if not images:
+            raise UsageError(f"none of the images read from {source} is readable")
+        return images
     from .data import IMAGE_EXTENSIONS
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise UsageError(f"no images found under {source}")
-    files = files[:max_images] if max_images else files
-    return [_to_tensor(load_image(p, size=size)) for p in files]
+    images = []
+    for p in files:
+        if max_images and len(images) >= max_images:
+            break
+        try:
+            images.append(_to_tensor(load_image(p, size=size)))
+        except UsageError:  # load_image's verdict on a file that is not a readable image
+            skipped.append(str(p))
+    if not images:
+        raise UsageError(f"none of the {len(files)} images under {source} is readable")
+    return images
 
 
 def _dihedral(x: Tensor, mode: int) -> Tensor:
@@ -376,14 +397,29 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     write_csv_rows(path, rows, _CSV_FIELDS)
 
 
-def build_denoiser(name: str, model_args: dict[str, Any] | None = None) -> nn.Module:
-    """A registered restoration model (``nbnet``, ``nbnet_small``) by name."""
-    from .models import create_model, model_info
+def denoiser_names() -> list[str]:
+    """The registered restoration models (``nbnet``, ``nbnet_small``, ...)."""
+    from .models import list_models, model_info
+
+    return [n for n in list_models() if model_info(n).family == "restoration"]
+
+
+def _denoiser_name(name: str) -> str:
+    """``name`` as registered, after checking that it names a denoiser."""
+    from .models import model_info
 
     info = model_info(name)
     if info.family != "restoration":
         raise UsageError(f"model {name!r} is a {info.family} model, not a denoiser "
-                         "(try nbnet or nbnet_small)")
+                         f"(try {' or '.join(denoiser_names())})")
+    return info.name
+
+
+def build_denoiser(name: str, model_args: dict[str, Any] | None = None) -> nn.Module:
+    """A registered restoration model (``nbnet``, ``nbnet_small``) by name."""
+    from .models import create_model
+
+    name = _denoiser_name(name)
     try:
         return create_model(name, **(model_args or {}))
     except TypeError as exc:
@@ -408,10 +444,7 @@ def train_denoiser(cfg: dict[str, Any], resume: str | os.PathLike | None = None,
     """Train a denoiser by ``cfg`` (see ``TRAIN_DEFAULTS``); returns the run directory."""
     if resume is not None:
         run_dir = Path(resume)
-        saved_path = run_dir / "config.json"
-        if not saved_path.is_file():
-            raise UsageError(f"--resume: {run_dir} has no config.json (not a denoiser run)")
-        saved = json.loads(saved_path.read_text())
+        saved = _run_config(run_dir, "--resume")
         changed = sorted(k for k in cfg if k not in _TRAIN_FREE and k in saved
                          and cfg[k] != saved[k] and cfg[k] != TRAIN_DEFAULTS.get(k))
         if changed:
@@ -421,6 +454,12 @@ def train_denoiser(cfg: dict[str, Any], resume: str | os.PathLike | None = None,
         cfg = {**saved, **{k: cfg.get(k, TRAIN_DEFAULTS[k]) for k in _TRAIN_FREE}}
     cfg = {**TRAIN_DEFAULTS, **cfg}
     _check_cfg(cfg)
+    if resume is None:
+        if cfg["out"] is None:
+            cfg["out"] = _default_out(cfg)
+        elif (Path(cfg["out"]) / "config.json").exists():
+            raise UsageError(f"{cfg['out']} already holds a run; continue it with --resume, "
+                             "or choose another --out")
     threads = torch.get_num_threads()
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
@@ -428,6 +467,36 @@ def train_denoiser(cfg: dict[str, Any], resume: str | os.PathLike | None = None,
         return _train(cfg, resume, log)
     finally:
         torch.set_num_threads(threads)
+
+
+def _default_out(cfg: dict[str, Any]) -> str:
+    """``runs/denoise-<model>-<noise>``, numbered past the runs already there."""
+    stem = Path("runs") / f"denoise-{cfg['model']}-{cfg['noise']}"
+    out, i = stem, 1
+    while out.exists() and any(out.iterdir()):
+        out, i = stem.with_name(f"{stem.name}-{i}"), i + 1
+    return str(out)
+
+
+def _run_config(run_dir: Path, what: str) -> dict[str, Any]:
+    """A train-denoiser run's config.json; a UsageError naming any other kind of run."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UsageError(f"{what} {run_dir}: a directory without config.json "
+                         "(expected a train-denoiser run)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is corrupt ({exc})") from None
+    if isinstance(cfg, dict) and "settings" in cfg:  # train.py's nested config
+        model = cfg.get("model", {})
+        name = model.get("name", "?") if isinstance(model, dict) else model
+        raise UsageError(f"{what} {run_dir} is a classifier run (spatial-attention train, "
+                         f"model {name}), not a train-denoiser run")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model", "nbnet"), str):
+        raise UsageError(f"{what} {run_dir}: its config.json is not a train-denoiser "
+                         "run's")
+    return cfg
 
 
 def _train(cfg: dict[str, Any], resume: str | os.PathLike | None,
@@ -443,9 +512,10 @@ def _train(cfg: dict[str, Any], resume: str | os.PathLike | None,
     )
 
     device = torch.device(cfg["device"])
-    run_dir = Path(cfg["out"] or resume or f"runs/denoise-{cfg['model']}-{cfg['noise']}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(cfg["out"] or resume)
 
+    # everything that can fail on bad settings or data comes before the run directory,
+    # so a mistake leaves nothing behind
     torch.manual_seed(cfg["seed"])
     model = build_denoiser(cfg["model"], cfg["model_args"]).to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -455,13 +525,19 @@ def _train(cfg: dict[str, Any], resume: str | os.PathLike | None,
     def lr_at(step: int) -> float:  # the official cosine decay, per step
         return cfg["lr"] * (math.cos(min(step, total) / total * math.pi) + 1) / 2
 
-    images = load_clean_images(cfg["images"], "train", cfg["max_images"])
+    unreadable: list[str] = []
+    images = load_clean_images(cfg["images"], "train", cfg["max_images"],
+                               unreadable=unreadable)
+    if unreadable:
+        log(f"{len(unreadable)} unreadable training image"
+            f"{'s' if len(unreadable) != 1 else ''} skipped, e.g.: {', '.join(unreadable[:3])}")
     images = [im for im in images if min(im.shape[-2:]) >= cfg["patch"]]
     if not images:
         raise UsageError(f"no training image is at least {cfg['patch']} pixels on a side; "
                          "use a smaller --patch")
     val_noisy, val_clean = _val_set(cfg)
     noisy_psnr = float(psnr(val_noisy.clamp(0, 1), val_clean).mean())
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     step, rows = 0, []
     ckpt = run_dir / CHECKPOINT_DIR
@@ -592,8 +668,32 @@ def run_train(args: argparse.Namespace) -> int:
 # -- the denoise command --------------------------------------------------------------------
 
 
+def _fits(name: str, state: dict[str, Tensor]) -> bool:
+    """Whether ``state`` has exactly the keys and shapes of ``name`` at its defaults."""
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        expected = build_denoiser(name).state_dict()
+    return expected.keys() == state.keys() and all(
+        tuple(v.shape) == tuple(state[k].shape) for k, v in expected.items()
+    )
+
+
+def _named_in_file(weights: Path) -> str | None:
+    """The model a safetensors file names in its metadata (train-denoiser writes it)."""
+    if weights.suffix != ".safetensors" or not weights.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            name = (f.metadata() or {}).get("model")
+    except Exception:  # unreadable: load_pretrained says so in its own words
+        return None
+    return name if name in denoiser_names() else None
+
+
 def _load_model(args: argparse.Namespace) -> nn.Module:
-    from .models.nbnet import load_pretrained
+    from .checkpoint import CHECKPOINT_DIR
+    from .models.nbnet import _read_any, convert_megengine_state_dict
 
     if not args.weights:
         raise UsageError("no --weights given: pass a `spatial-attention train-denoiser` run "
@@ -601,16 +701,43 @@ def _load_model(args: argparse.Namespace) -> nn.Module:
     name, model_args = args.model, {}
     weights = Path(args.weights).expanduser()
     if weights.is_dir():  # a train-denoiser run directory
-        cfg_path = weights / "config.json"
-        if not cfg_path.is_file():
-            raise UsageError(f"--weights {weights}: a directory without config.json "
-                             "(expected a train-denoiser run)")
-        cfg = json.loads(cfg_path.read_text())
+        cfg = _run_config(weights, "--weights")
         name = args.model or cfg.get("model", "nbnet")
         model_args = cfg.get("model_args", {})
-        weights = weights / "checkpoint" / "model.safetensors"
-    model = build_denoiser(name or "nbnet", model_args)
-    load_pretrained(model, weights)
+        weights = weights / CHECKPOINT_DIR / "model.safetensors"
+    elif weights.parent.name == CHECKPOINT_DIR and \
+            (weights.parent.parent / "config.json").is_file():
+        # the weights file of a run: the run beside it knows the model and its arguments
+        cfg = _run_config(weights.parent.parent, "--weights")
+        run_model = cfg.get("model", "nbnet")
+        if name is None or _denoiser_name(name) == run_model:
+            name, model_args = run_model, cfg.get("model_args", {})
+    if name is None:
+        name = _named_in_file(weights)
+    if name is not None:
+        name = _denoiser_name(name)
+    state = convert_megengine_state_dict(_read_any(weights))
+    if name is None:  # a bare file: whichever model its keys and shapes fit
+        fits = [n for n in denoiser_names() if _fits(n, state)]
+        if not fits:
+            raise UsageError(
+                f"--weights {weights}: its keys and shapes fit none of "
+                f"{', '.join(denoiser_names())} at their default sizes; pass --model, or "
+                "the run directory if it was trained with --model-arg"
+            )
+        name = fits[0]
+    model = build_denoiser(name, model_args)
+    from .checkpoint import check_state_dict
+
+    try:
+        check_state_dict(model.state_dict(), state, f"checkpoint {weights}")
+    except UsageError as exc:
+        fits = [n for n in denoiser_names() if n != name and _fits(n, state)]
+        if fits:
+            raise UsageError(f"--weights {weights} holds {fits[0]} weights, not {name}'s: "
+                             f"pass --model {fits[0]}") from None
+        raise exc from None
+    model.load_state_dict(state)
     return model.eval()
 
 

@@ -159,13 +159,18 @@ def unknown_name_error(kind: str, name: str, known: list[str]) -> ValueError:
     )
 
 
+def canonical(name: Any) -> Any:
+    """``name`` as registered: names are lower case, so ``SE`` finds ``se``."""
+    return name.strip().lower() if isinstance(name, str) else name
+
+
 def info(name: str) -> MechanismInfo:
-    """Metadata of a registered mechanism; unknown names list the closest ones."""
+    """Metadata of a registered mechanism (any case); unknown names list the closest ones."""
     _ensure_loaded()
     try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise unknown_name_error("mechanism", name, sorted(_REGISTRY)) from None
+        return _REGISTRY[canonical(name)]
+    except (KeyError, TypeError):
+        raise unknown_name_error("mechanism", str(name), sorted(_REGISTRY)) from None
 
 
 def create(name: str, *args: Any, **kwargs: Any):
@@ -177,7 +182,7 @@ def create(name: str, *args: Any, **kwargs: Any):
     entry = info(name)
     module = entry.cls(*args, **{**entry.defaults, **kwargs})
     # one class may serve several names: errors should name the one the user asked for
-    module.registered_name = name
+    module.registered_name = entry.name
     return module
 
 

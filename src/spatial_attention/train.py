@@ -209,8 +209,13 @@ def _resolve(explicit: dict[str, Any], base: dict[str, Any] | None = None) -> di
     for key in ("epochs", "batch", "img_size"):
         if cfg[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
-    if cfg["workers"] < 0 or cfg["pad"] < 0 or cfg["lr"] <= 0 or cfg["warmup_epochs"] < 0:
-        raise UsageError("--workers, --pad and --warmup-epochs must be >= 0 and --lr > 0")
+    for key in ("workers", "pad", "warmup_epochs", "wd", "min_lr", "clip_grad"):
+        if not cfg[key] >= 0:  # `not >=`: NaN is wrong too
+            raise UsageError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    if not cfg["lr"] > 0:
+        raise UsageError(f"--lr must be > 0, got {cfg['lr']}")
+    if not 0.0 <= cfg["val_split"] < 1.0:
+        raise UsageError(f"--val-split must be in [0, 1), got {cfg['val_split']}")
     if not 0.0 <= cfg["ema"] < 1.0:
         raise UsageError(f"--ema must be a decay in [0, 1), got {cfg['ema']}")
     if not 0.0 <= cfg["label_smoothing"] < 1.0:
@@ -460,9 +465,20 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"{run_dir} is not a training run (no config.json)")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path} is corrupt ({exc})") from None
+    if not isinstance(cfg, dict) or "settings" not in cfg:
+        model = cfg.get("model") if isinstance(cfg, dict) else None
+        if isinstance(model, str) and "noise" in cfg:  # train-denoiser's flat config
+            raise UsageError(
+                f"{run_dir} is a denoiser run (train-denoiser, model {model}), not a "
+                f"classifier run: use `spatial-attention denoise IN --out OUT --weights "
+                f"{run_dir}`, or `train-denoiser --resume {run_dir}`"
+            )
+        raise UsageError(f"{run_dir} is not a classifier run (its config.json has no "
+                         "settings)")
+    return cfg
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -747,11 +763,34 @@ def _jet(v: np.ndarray) -> np.ndarray:
 # -- training -----------------------------------------------------------------------------
 
 _STOP_AT_STEP = 1000  # a stop code no signal number reaches
+#: steps between the loop's reads of device values (progress bar, agreeing on a signal
+#: across ranks): each read waits for the device to drain its queue, so a GPU would
+#: otherwise idle while the host prepares the next step
+_SYNC_EVERY = 16
 
 _CSV_FIELDS = [
     "epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_acc_ema",
     "images_per_s", "epoch_time_s", "unreadable_train", "unreadable_val",
 ]
+
+
+def _drop_unreadable(
+    x: Tensor, y: Tensor, keys: Tensor
+) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """The readable samples of a loader batch, and the keys of the unreadable ones.
+
+    Runs on the loader's CPU tensors, before the copy to the device, where counting and
+    dropping would each wait for the device. A batch with no readable sample comes back
+    whole (its images are zeros): every rank still runs forward and backward, so the
+    collective calls of DDP stay in step.
+    """
+    ok = y >= 0
+    if bool(ok.all()):
+        return x, y, keys, []
+    bad = keys[~ok].tolist()
+    if not bool(ok.any()):
+        return x, y, keys, bad
+    return x[ok], y[ok], keys[ok], bad
 
 
 def _read_metrics(path: Path) -> list[dict[str, str]]:
@@ -1121,16 +1160,20 @@ class _Trainer:
 
     def _should_stop(self, stop: _StopFlag) -> int:
         """0: go on; else a signal number or _STOP_AT_STEP, the same on every rank."""
-        code = stop.signum or 0
-        if self.cfg["stop_at_step"] is not None and self.global_step >= self.cfg["stop_at_step"]:
-            code = code or _STOP_AT_STEP
-        if self.ctx.distributed:  # a signal may reach the ranks a step apart: agree
-            import torch.distributed as dist
+        at_step = (self.cfg["stop_at_step"] is not None
+                   and self.global_step >= self.cfg["stop_at_step"])
+        if not self.ctx.distributed:
+            return stop.signum or (_STOP_AT_STEP if at_step else 0)
+        # A signal may reach the ranks a step apart, so they agree on it, but only every
+        # _SYNC_EVERY steps and at the end of an epoch: the agreement is a collective and
+        # a read-back. --stop-at-step needs none, every rank counts the same steps.
+        if self.global_step % _SYNC_EVERY and self.batch_in_epoch != self.steps_per_epoch:
+            return _STOP_AT_STEP if at_step else 0
+        import torch.distributed as dist
 
-            t = torch.tensor([code], dtype=torch.int64, device=self.ctx.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            code = int(t)
-        return code
+        t = torch.tensor([stop.signum or 0], dtype=torch.int64, device=self.ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t) or (_STOP_AT_STEP if at_step else 0)
 
     def _train_epoch(self, stop: _StopFlag) -> int | None:
         from tqdm import tqdm
@@ -1150,11 +1193,13 @@ class _Trainer:
                 self.global_step += 1
                 seen += len(y) * ctx.world
                 if self.progress:
-                    dt = time.perf_counter() - t0
-                    s = self.sums.tolist()
-                    bar.set_postfix(loss=f"{s[0] / max(s[2], 1):.3f}",
-                                    acc=f"{s[1] / max(s[2], 1):.3f}",
-                                    img_s=f"{seen / max(dt, 1e-9):.0f}", refresh=False)
+                    if (self.batch_in_epoch % _SYNC_EVERY == 0
+                            or self.batch_in_epoch == self.steps_per_epoch):
+                        dt = time.perf_counter() - t0
+                        s = self.sums.tolist()
+                        bar.set_postfix(loss=f"{s[0] / max(s[2], 1):.3f}",
+                                        acc=f"{s[1] / max(s[2], 1):.3f}",
+                                        img_s=f"{seen / max(dt, 1e-9):.0f}", refresh=False)
                     bar.update(1)
                 code = self._should_stop(stop)
                 if code:
@@ -1167,20 +1212,17 @@ class _Trainer:
 
     def _step(self, x: Tensor, y: Tensor, keys: Tensor) -> None:
         ctx = self.ctx
+        x, y, keys, bad = _drop_unreadable(x, y, keys)
+        n_bad = len(bad)
+        all_bad = n_bad == len(y)
+        if n_bad and len(self.bad_keys) < 10:
+            self.bad_keys += bad
         x = x.to(ctx.device, non_blocking=True)
         y = y.to(ctx.device, non_blocking=True)
-        ok = y >= 0
-        n_bad = int((~ok).sum())
-        if n_bad:
-            if len(self.bad_keys) < 10:
-                self.bad_keys += keys[~ok.cpu()].tolist()
-            keep = ok if bool(ok.any()) else None
-            if keep is not None:
-                x, y, keys = x[keep], y[keep], keys[keep.cpu()]
         x = self.transform(x, keys, self.epoch, train=True)
         with _autocast(ctx.device, self.amp):
             logits = self.net(x)
-            if n_bad and not bool(ok.any()):
+            if all_bad:
                 loss = logits.sum() * 0.0  # keep the collective calls of DDP in step
             else:
                 loss = self.criterion(logits.float(), y)
@@ -1194,17 +1236,16 @@ class _Trainer:
         self.sched.step()
         if self.ema is not None:
             self.ema.update(self.model)
+        # Sums stay on the device, read back only by the progress bar, _end_epoch and
+        # _save. Python numbers go in as kernel arguments: torch.tensor(n, device=...)
+        # would be a blocking copy. The adds are the float64 adds of one stacked update.
         with torch.no_grad():
-            if n_bad and not bool(ok.any()):
-                self.sums[3] += n_bad
-            else:
+            if not all_bad:
                 nb = len(y)
-                self.sums += torch.stack([
-                    loss.detach().double() * nb,
-                    (logits.argmax(1) == y).sum().double(),
-                    torch.tensor(float(nb), dtype=torch.float64, device=ctx.device),
-                    torch.tensor(float(n_bad), dtype=torch.float64, device=ctx.device),
-                ])
+                self.sums[:2] += torch.stack([loss.detach().double() * nb,
+                                              (logits.argmax(1) == y).sum().double()])
+                self.sums[2] += nb
+            self.sums[3] += n_bad
 
     def _interrupt(self, code: int) -> int:
         self._save()

@@ -375,6 +375,13 @@ def _build(name: str, channels: int, grid: int, seed: int, image: Any):
         fed.append(t)
     if not any(a is not b for a, b in zip(fed, inputs, strict=True)):
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, Tensor))
+        if entry.layout == "clip":
+            # its frames are the right grid; what one still image cannot give is time
+            raise UsageError(
+                f"{name} takes a clip of frames {registry.LAYOUTS['clip']} (its example: "
+                f"{shapes}) and viz draws one still image, which has no frames to attend "
+                "across"
+            )
         raise UsageError(
             f"{name}: none of its example inputs ({shapes}) is a {h}x{w} grid of {channels} "
             f"channels in its {entry.layout} layout {registry.LAYOUTS[entry.layout]}"

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..registry import unknown_name_error
+from ..registry import canonical, unknown_name_error
 
 __all__ = ["register_model", "create_model", "list_models", "model_info", "ModelInfo"]
 
@@ -55,9 +55,9 @@ def _ensure_loaded() -> None:
 def model_info(name: str) -> ModelInfo:
     _ensure_loaded()
     try:
-        return _MODELS[name]
-    except KeyError:
-        raise unknown_name_error("model", name, sorted(_MODELS)) from None
+        return _MODELS[name if name in _MODELS else canonical(name)]
+    except (KeyError, TypeError):
+        raise unknown_name_error("model", str(name), sorted(_MODELS)) from None
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
