@@ -67,7 +67,8 @@ def check_dtype_matches(name: str, x: Tensor, module: nn.Module) -> None:
     promote); the message here says what to do instead. Under autocast the mix is
     intended, and parameter-free modules take any float dtype.
     """
-    if torch.is_autocast_enabled(x.device.type):
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return
     for p in module.parameters():
         if p.is_floating_point():
