@@ -73,10 +73,11 @@ def balanced_binary_clustering(
     Implementation notes (same result as the steps in the module docstring, fewer passes
     over the features): the cosine ``cos(x, c)`` is ``(x . c) / |x|`` with the norms
     computed once; a softmax over two centroids is ``sigmoid(T (cos_0 - cos_1))``, so a
-    soft k-means round needs one product with the centroids and one weighted sum, and the
-    second centroid's sum is the cluster's total minus the first's. Features are moved by
-    row gathers (``index_select`` on ``(M * Np, d)``), never by an expanded index; level 0
-    reads them in place, later levels gather into one buffer reused level after level.
+    soft k-means round needs one product with the centroids and one product with both
+    sides' weights, ``sigmoid(z)`` and ``sigmoid(-z)``, ``z = T (cos_0 - cos_1)``.
+    Features are moved by row gathers (``index_select`` on ``(M * Np, d)``), never by an
+    expanded index; level 0 reads them in place, later levels gather into one buffer
+    reused level after level.
     """
     if x.dim() < 2:
         raise ValueError(f"balanced_binary_clustering: expected (..., N, d), got {tuple(x.shape)}")
@@ -85,6 +86,13 @@ def balanced_binary_clustering(
             f"balanced_binary_clustering: group_size must be >= 1 and iters >= 0, got "
             f"{group_size}, {iters}"
         )
+    if torch.is_autocast_enabled(x.device.type):
+        # autocast would run the score and centroid products in bf16/fp16, and the groups
+        # would then differ from fp32's: the sort keys are ratios of cosines near 1
+        with torch.autocast(x.device.type, enabled=False):
+            return balanced_binary_clustering(
+                x.detach().float(), group_size, iters=iters, temperature=temperature
+            )
     *lead, N, d = x.shape
     levels = num_levels(N, group_size)
     Np = group_size * 2**levels
@@ -112,17 +120,18 @@ def balanced_binary_clustering(
             xs = (flat.index_select(0, rows) if buf is None else
                   torch.index_select(flat, 0, rows, out=buf)).view(M, c, n, d)
             inv_n = inv_norm.gather(1, perm).view(M, c, n)
-        halves = xs.view(M, c, 2, n // 2, d).sum(3)  # (M, c, 2, d)
-        total = halves.sum(2)  # (M, c, d)
-        cent = F.normalize(halves, dim=-1)
+        cent = F.normalize(xs.view(M, c, 2, n // 2, d).sum(3), dim=-1)  # (M, c, 2, d)
         # scores as (centroids) @ (tokens)^T, (M, c, 2, n): on CPU this product runs twice
         # as fast as (tokens) @ (centroids)^T, whose output rows are only 2 wide
         xt = xs.transpose(-2, -1)
         for _ in range(iters):
             dots = cent @ xt  # (M, c, 2, n)
-            assign = torch.sigmoid((dots[:, :, 0] - dots[:, :, 1]) * inv_n * temperature)
-            first = (assign.unsqueeze(-2) @ xs).squeeze(-2)  # (M, c, d)
-            cent = F.normalize(torch.stack([first, total - first], dim=2), dim=-1)
+            z = (dots[:, :, 0] - dots[:, :, 1]) * inv_n * temperature
+            # each side's weights are their own sigmoid, summed in one product: the second
+            # centroid taken as (total - first), or weighted by (1 - a), cancels to rounding
+            # noise where the sigmoid saturates, and a 1e-7 change of the input regroups
+            weights = torch.sigmoid(torch.stack([z, -z], dim=2))  # (M, c, 2, n)
+            cent = F.normalize(weights @ xs, dim=-1)
         cos = (cent @ xt) * inv_n.unsqueeze(2)  # (M, c, 2, n)
         ratio = (cos[:, :, 0] + 1) / (cos[:, :, 1] + 1)
         # padding slots sort strictly last in their cluster: real tokens are capped below

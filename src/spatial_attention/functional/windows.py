@@ -261,17 +261,35 @@ def window_layout(
 ) -> WindowLayout:
     """:class:`WindowLayout` of an ``H x W`` map, kept in ``cache`` (a layer's dict,
     bounded at 16 sizes for multi-scale training) except while a graph is being built,
-    where it is computed inline so that the graph holds it."""
+    where it is computed inline so that the graph holds it.
+
+    Cached layouts are built outside ``torch.inference_mode`` whatever the caller's mode,
+    so one layout serves inference, ``no_grad`` and training calls alike (the tensors are
+    integer and boolean: no dtype enters the key).
+    """
+    if cache is None or building_graph():
+        return _build_layout(height, width, window_size, shift, device)
     key = (height, width, to_2tuple(window_size), shift, device)
-    tracing = building_graph()
-    if cache is not None and not tracing and key in cache:
-        return cache[key]
-    gather, scatter = window_token_index(height, width, window_size, shift, device)
-    keep, pad_h, pad_w = window_attention_mask(height, width, window_size, shift, device)
-    unscatter = inverse_index(scatter, gather.numel())
-    layout = WindowLayout(gather, scatter, unscatter, keep, bool(pad_h or pad_w))
-    if cache is not None and not tracing:
+    layout = cache.get(key)
+    if layout is None:
+        # the cache outlives the call: an inference tensor in it would make every later
+        # training call fail when autograd saves the index for backward
+        with torch.inference_mode(False):
+            layout = _build_layout(height, width, window_size, shift, device)
         if len(cache) > 16:
             cache.clear()
         cache[key] = layout
     return layout
+
+
+def _build_layout(
+    height: int,
+    width: int,
+    window_size: int | tuple[int, int],
+    shift: tuple[int, int],
+    device: torch.device | None,
+) -> WindowLayout:
+    gather, scatter = window_token_index(height, width, window_size, shift, device)
+    keep, pad_h, pad_w = window_attention_mask(height, width, window_size, shift, device)
+    unscatter = inverse_index(scatter, gather.numel())
+    return WindowLayout(gather, scatter, unscatter, keep, bool(pad_h or pad_w))

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -254,7 +255,8 @@ class FeatureSpaceLocalAttention(AttentionModule):
         qkv = self.qkv(x.reshape(B, N, C))  # (B, N, 3C), channels laid out (3, h, dh)
         rows = qkv.view(B * N * 3 * h, dh)  # one row per (sample, token, q|k|v, head)
         q = qkv.view(B, N, 3, h, dh)[:, :, 0].transpose(1, 2)  # (B, h, N, dh)
-        perm = balanced_binary_clustering(q, g, iters=self.iters, temperature=self.temperature)
+        perm = balanced_binary_clustering(self._grouping_queries(x, q), g, iters=self.iters,
+                                          temperature=self.temperature)
 
         nG = max(1, (N + g - 1) // g)  # leaves holding real tokens
         # leaves computed: an unpaired last leaf brings its (padding) sibling along, so
@@ -305,6 +307,21 @@ class FeatureSpaceLocalAttention(AttentionModule):
         local = self.get_v(v_img).permute(0, 2, 3, 1).reshape(B, N, C)
         out = self.proj_drop(self.proj(out + local))
         return out.view(B, H, W, C)
+
+    def _grouping_queries(self, x: Tensor, q: Tensor) -> Tensor:
+        """The queries the clustering sorts: ``q`` itself, except under autocast, where
+        they are projected again in float32 (one ``C x C`` product, a third of ``qkv``).
+        Rounded to bf16/fp16, the queries alone move tokens across cuts, so the groups,
+        and with them every output, would differ from float32's by far more than the
+        autocast rounding."""
+        low = q.dtype in (torch.float16, torch.bfloat16)
+        if not (low and torch.is_autocast_enabled(x.device.type)):
+            return q
+        B, H, W, C = x.shape
+        bias = None if self.qkv.bias is None else self.qkv.bias[:C].float()
+        with torch.autocast(x.device.type, enabled=False):
+            q32 = F.linear(x.reshape(B, H * W, C).float(), self.qkv.weight[:C].float(), bias)
+        return q32.view(B, H * W, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _pair_images(self, kg: Tensor, vg: Tensor) -> tuple[Tensor, Tensor]:
         # reference quirk: image 2i reads the first `o` keys of image 2i+1, image 2i+1 the

@@ -17,6 +17,7 @@ from theirs by design; where no padding is needed they are equal.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -254,7 +255,13 @@ class WindowAttention(AttentionModule):
                     return same
                 return same & keep[qi // N, qi % N, ki % N]
 
-            block_mask = create_block_mask(mask_mod, None, None, L, L, device=q.device)
+            # cached past this call (like the window layouts): never an inference tensor,
+            # which a later eval call with grad on CUDA could not save for backward; the
+            # context is only entered where needed, so compiled callers never trace it
+            outside = (torch.inference_mode(False) if torch.is_inference_mode_enabled()
+                       else contextlib.nullcontext())
+            with outside:
+                block_mask = create_block_mask(mask_mod, None, None, L, L, device=q.device)
             if len(self._block_masks) > 16:
                 self._block_masks.clear()
             self._block_masks[cache_key] = block_mask
@@ -319,16 +326,20 @@ def _flex_attention(device: torch.device):
 
 def window_sdpa(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float,
-    save_probs: bool = False,
+    save_probs: bool = False, flat_mask: bool | None = None,
 ) -> Tensor:
-    """One attention call over all windows of ``(B, nW, heads, N, d)`` inputs.
+    """One attention call over all windows of ``(B, nW, heads, N, d)`` queries and
+    ``(B, nW, heads, K, d)`` keys and values (``K = N``, or ``V * N`` for the multi-view
+    concatenation).
 
-    A mask shared by every window (bias only) broadcasts as ``(1, heads, N, N)`` over
+    A mask shared by every window (bias only) broadcasts as ``(1, heads, N, K)`` over
     ``B * nW`` windows, the 4-D form the fused kernels take. A per-window mask
-    ``(nW, heads, N, N)`` broadcasts over the batch axis of the 5-D form on CPU (no
+    ``(nW, heads, N, K)`` broadcasts over the batch axis of the 5-D form on CPU (no
     copy per image); CUDA's fused kernels want 4-D, so there it is expanded to
-    ``(B * nW, heads, N, N)``. ``save_probs``: see :func:`~spatial_attention.functional.
-    scoring.attention` (CPU: faster backward for more memory).
+    ``(B * nW, heads, N, K)``. ``flat_mask`` forces that choice (``None``: 4-D on CUDA),
+    so the CUDA form can be checked anywhere. ``save_probs``: see
+    :func:`~spatial_attention.functional.scoring.attention` (CPU: faster backward for
+    more memory).
     """
     B, nW, h, N, d = q.shape
     if mask is None or mask.shape[0] == 1:
@@ -337,11 +348,14 @@ def window_sdpa(
             scale=scale, dropout_p=dropout_p, save_probs=save_probs,
         )
         return out.view(B, nW, h, N, d)
-    if q.is_cuda:
-        full = mask.expand(B, nW, h, N, N).reshape(B * nW, h, N, N)
+    if flat_mask is None:
+        flat_mask = q.is_cuda
+    if flat_mask:
+        K = k.shape[-2]  # not N: concatenated views bring V * N keys
+        full = mask.expand(B, nW, h, N, K).reshape(B * nW, h, N, K)
         out = attention(
             q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), full,
-            scale=scale, dropout_p=dropout_p,
+            scale=scale, dropout_p=dropout_p, save_probs=save_probs,
         )
         return out.view(B, nW, h, N, d)
     return attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, save_probs=save_probs)
