@@ -180,10 +180,23 @@ def create(name: str, *args: Any, **kwargs: Any):
     >>> attn = sa.create("multi_head", 64, 4)
     """
     entry = info(name)
-    module = entry.cls(*args, **{**entry.defaults, **kwargs})
+    try:
+        module = entry.cls(*args, **{**entry.defaults, **kwargs})
+    except ValueError as exc:
+        raise ValueError(_named(entry.name, entry.cls, str(exc))) from None
     # one class may serve several names: errors should name the one the user asked for
     module.registered_name = entry.name
     return module
+
+
+def _named(name: str, cls: type, message: str) -> str:
+    """A constructor's refusal under the name the user asked for: the class's own name
+    replaced (twins_lsa is a window_attention), or the asked name put in front (a part
+    such as BOAT's window branch refused)."""
+    primary = (getattr(cls, "registered_names", ()) or (None,))[0]
+    if primary and primary != name and message.startswith(f"{primary}:"):
+        return f"{name}:{message[len(primary) + 1:]}"
+    return message if message.startswith(f"{name}:") else f"{name}: {message}"
 
 
 def list_mechanisms(family: str | None = None, layout: str | None = None) -> list[str]:

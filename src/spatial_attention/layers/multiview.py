@@ -46,7 +46,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_divisible, check_positive, check_probability
+from ..checks import (
+    check_divisible,
+    check_dtype_matches,
+    check_floating,
+    check_positive,
+    check_probability,
+)
 from ..functional.permute import permute_rows
 from ..functional.position import relative_position_index
 from ..functional.scoring import additive_mask, attention
@@ -304,6 +310,8 @@ class MultiViewWindowAttention(AttentionModule):
             )
         if any(s == 0 for s in x.shape):
             raise ValueError(f"{name}: got an empty tensor of shape {tuple(x.shape)}")
+        check_floating(name, x)
+        check_dtype_matches(name, x, self)
         return x, stacked
 
     # -- pieces ---------------------------------------------------------------------------
