@@ -1,0 +1,1 @@
+"""Applications built on the core; the core never imports them."""

@@ -1,0 +1,11 @@
+"""The equal-budget CIFAR-10 benchmark of map attention (``spatial-attention compare``).
+
+``cli`` parses and validates, ``runner`` trains one resumable (mechanism, seed) run under
+a fixed :class:`~.runner.Protocol`, ``net`` is the airbench-style CNN with one attention
+slot per stage, ``data`` decodes CIFAR-10 once into a uint8 cache and augments batches on
+the device, ``stats`` summarises runs (Welch intervals against the baseline).
+"""
+
+from .runner import PRESETS, Protocol, RunResult, train_run
+
+__all__ = ["PRESETS", "Protocol", "RunResult", "train_run"]

@@ -1,0 +1,124 @@
+"""The benchmark's network: airbench's fast CIFAR-10 CNN with an attention slot per stage.
+
+Shape (after Keller Jordan's airbench94, written anew here)::
+
+    2x2 whitening conv (3 -> 24, no padding; fixed weights from the patch covariance)
+    GELU
+    stage(24 -> w1), stage(w1 -> w2), stage(w2 -> w3)      widths (64, 256, 256) x width
+    MaxPool 3, linear (no bias), x 1/9
+
+    stage(c_in -> c):  conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU -> attn(c)
+
+``attn`` is the mechanism under test, built with ``sa.create(name, c)`` on the stage's
+output channels (the ``attn_layer`` convention); the baseline puts ``nn.Identity``
+there. BatchNorms keep their scale fixed at 1 (only the shift trains: with the
+following conv free to rescale, a trained scale only adds a direction the large
+learning rate would have to fight). The second conv of a stage starts as a partial
+identity (Dirac) so a deep stack of plain convs starts close to a shallow one, the role
+a residual connection plays in deeper networks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CompareNet", "BASE_WIDTHS", "make_attention", "whitening_weights"]
+
+BASE_WIDTHS = (64, 256, 256)
+WHITEN_KERNEL = 2
+
+
+def make_attention(name: str, channels: int) -> nn.Module:
+    if name == "none":
+        return nn.Identity()
+    import spatial_attention as sa
+
+    return sa.create(name, channels)
+
+
+class _Conv(nn.Conv2d):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, 3, padding="same", bias=False)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        w = self.weight.data
+        # identity on the first min(cin, cout) channels: see the module docstring
+        torch.nn.init.dirac_(w[: min(w.shape[0], w.shape[1])])
+
+
+def _norm(c: int) -> nn.BatchNorm2d:
+    # momentum 0.4 (PyTorch convention): running stats track the fast-moving weights of a
+    # short schedule; eps tiny because whitened, unscaled activations are well conditioned
+    bn = nn.BatchNorm2d(c, momentum=0.4, eps=1e-12)
+    bn.weight.requires_grad_(False)
+    return bn
+
+
+class Stage(nn.Module):
+    def __init__(self, cin: int, cout: int, attention: str) -> None:
+        super().__init__()
+        self.conv1 = _Conv(cin, cout)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = _norm(cout)
+        self.conv2 = _Conv(cout, cout)
+        self.norm2 = _norm(cout)
+        self.act = nn.GELU()
+        # the mechanism draws its initial weights from a stream of its own, so for a
+        # given seed every entry starts from the same backbone weights (an entry differs
+        # from the baseline by its mechanism only, not by a reshuffled initialisation)
+        attn_seed = int(torch.randint(2**31 - 1, (), device="cpu"))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(attn_seed)
+            self.attn = make_attention(attention, cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        x = self.act(self.norm2(self.conv2(x)))
+        return self.attn(x)
+
+
+class CompareNet(nn.Module):
+    """The benchmark CNN; ``attention`` names the mechanism in every stage (or "none")."""
+
+    def __init__(self, attention: str = "none", width: float = 0.5, num_classes: int = 10):
+        super().__init__()
+        widths = [max(8, int(round(w * width))) for w in BASE_WIDTHS]
+        self.widths = tuple(widths)
+        cw = 2 * 3 * WHITEN_KERNEL ** 2
+        self.whiten = nn.Conv2d(3, cw, WHITEN_KERNEL, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        self.act = nn.GELU()
+        self.stages = nn.Sequential(
+            Stage(cw, widths[0], attention),
+            Stage(widths[0], widths[1], attention),
+            Stage(widths[1], widths[2], attention),
+        )
+        self.pool = nn.MaxPool2d(3)
+        self.head = nn.Linear(widths[2], num_classes, bias=False)
+        # logits scaled down so label-smoothed CE starts near its uniform value
+        self.scale = 1.0 / 9
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stages(self.act(self.whiten(x)))
+        return self.head(self.pool(x).flatten(1)) * self.scale
+
+    def norm_biases(self) -> list[nn.Parameter]:
+        """The BatchNorm shifts of the backbone, which get the larger learning rate."""
+        return [m.bias for s in self.stages for m in (s.norm1, s.norm2)]
+
+
+@torch.no_grad()
+def whitening_weights(images: Tensor, eps: float = 5e-4) -> Tensor:
+    """``(24, 3, 2, 2)`` conv weights that whiten 2x2 patches of ``images`` (normalised
+    float ``(N, 3, H, W)``): the patch covariance's eigenvectors scaled by
+    ``1/sqrt(eigenvalue + eps)``, each also negated so GELU keeps both signs."""
+    k = WHITEN_KERNEL
+    patches = images.double().unfold(2, k, 1).unfold(3, k, 1)  # (N, 3, H', W', k, k)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k)
+    cov = patches.T @ patches / patches.shape[0]
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(0), evecs.flip(1)  # largest variance first
+    w = (evecs.T / torch.sqrt(evals.clamp_min(0) + eps)[:, None]).reshape(-1, 3, k, k)
+    return torch.cat([w, -w]).float()

@@ -1,0 +1,212 @@
+"""The equal-budget benchmark (``spatial-attention compare``) on a tiny fake CIFAR."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from spatial_attention.apps.compare import cli, runner
+from spatial_attention.apps.compare.data import Cifar, load_cifar
+from spatial_attention.apps.compare.runner import Protocol, train_run
+from spatial_attention.apps.compare.stats import summarise, t_quantile, welch_interval
+from spatial_attention.apps.compare._deps import read_weights
+from spatial_attention.errors import UsageError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CLASSES = ["airplane", "automobile", "bird", "cat"]
+TINY = ["--epochs", "2", "--width", "0.125", "--batch-size", "32", "--threads", "1"]
+
+
+def _write_tar(path, split: str, per_class: int, seed: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    with tarfile.open(path, "w") as tf:
+        for c, name in enumerate(CLASSES):
+            for i in range(per_class):
+                # a class colour plus noise: learnable, so accuracy is not constant
+                base = np.zeros((32, 32, 3)) + 60 * c
+                img = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="JPEG")
+                info = tarfile.TarInfo(f"{split}/{name}/{i:04d}.jpg")
+                info.size = buf.tell()
+                buf.seek(0)
+                tf.addfile(info, buf)
+
+
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    _write_tar(root / "train.tar", "train", 24, 0)
+    _write_tar(root / "test.tar", "test", 10, 1)
+    return root
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cache_decodes_once(fake_cifar, tmp_path):
+    data = load_cifar(fake_cifar, tmp_path)
+    assert data.train_x.shape == (96, 3, 32, 32) and data.train_x.dtype == torch.uint8
+    assert data.classes == sorted(CLASSES)
+    assert data.test_y.bincount().tolist() == [10] * 4
+    cache = tmp_path / "cifar10_uint8.pt"
+    assert cache.is_file()
+    again = load_cifar(fake_cifar, tmp_path)
+    assert torch.equal(again.train_x, data.train_x)
+    small = data.subset(8, 4)
+    assert small.train_y.bincount().tolist() == [2] * 4  # class-balanced
+
+
+def test_end_to_end_and_skip(fake_cifar, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = _args("se", "--seeds", "2", "--data", str(fake_cifar), "--out", str(out), *TINY)
+    assert cli.run(args) == 0
+    rows = _rows(out / "results.csv")
+    assert sorted((r["mechanism"], r["seed"]) for r in rows) == [
+        ("none", "0"), ("none", "1"), ("se", "0"), ("se", "1")]
+    for r in rows:
+        assert 0 <= float(r["accuracy"]) <= 1 and int(r["epochs"]) == 2
+        assert int(r["macs"]) > 0 and float(r["train_img_s"]) > 0
+        assert float(r["peak_mem_mb"]) > 0
+    summary = _rows(out / "summary.csv")
+    assert [s["mechanism"] for s in summary] == ["none", "se"]
+    assert int(summary[1]["params"]) > int(summary[0]["params"])
+    assert (out / "summary.png").stat().st_size > 0
+    md = (out / "summary.md").read_text()
+    assert "40 CIFAR-10 test images with flip test-time augmentation" in md
+
+    # a second invocation finds every run finished: nothing is built or trained
+    def no_build(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(runner, "build_model", no_build)
+    assert cli.run(args) == 0
+    assert _rows(out / "results.csv") == rows
+
+    # another protocol in the same folder is refused before anything starts
+    other = _args("se", "--data", str(fake_cifar), "--out", str(out), *TINY[:-2],
+                  "--epochs", "3")
+    with pytest.raises(UsageError, match="another protocol"):
+        cli.run(other)
+
+
+def _tiny_data(fake_cifar, tmp_path) -> Cifar:
+    return load_cifar(fake_cifar, tmp_path / "cache")
+
+
+def test_resume_is_bit_exact(fake_cifar, tmp_path):
+    data = _tiny_data(fake_cifar, tmp_path)
+    p = Protocol(epochs=3, width=0.125, batch_size=32, whiten_bias_epochs=2)
+    full = train_run(tmp_path / "full", "cbam", 0, p, data)
+
+    # stopped at an epoch end, then resumed
+    assert train_run(tmp_path / "cut", "cbam", 0, p, data, stop_after_epochs=1) is None
+    # killed in the middle of the next epoch: its partial work is lost, the epoch redone
+    seen = []
+
+    def crash(n):
+        seen.append(n)
+        if sum(seen) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(tmp_path / "cut", "cbam", 0, p, data, progress=crash)
+    resumed = train_run(tmp_path / "cut", "cbam", 0, p, data)
+
+    a = read_weights(tmp_path / "full" / "checkpoint" / "model.safetensors")
+    b = read_weights(tmp_path / "cut" / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa_, sb = (read_weights(tmp_path / d / "checkpoint" / "ema.safetensors")
+               for d in ("full", "cut"))
+    assert all(torch.equal(sa_[k], sb[k]) for k in sa_)
+    assert resumed.accuracy == full.accuracy
+
+
+def test_t_quantile_matches_tables():
+    for df, q in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423)):
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=2e-4)
+    assert t_quantile(0.95, 5) == pytest.approx(2.0150, abs=2e-4)
+    assert t_quantile(0.975, math.inf) == pytest.approx(1.95996, abs=1e-4)
+    assert t_quantile(0.025, 4) == pytest.approx(-2.7764, abs=2e-4)
+
+
+def test_summary_on_hand_made_rows():
+    def row(m, seed, acc):
+        return {"mechanism": m, "seed": seed, "accuracy": acc, "params": 10, "macs": 100,
+                "train_img_s": 50.0, "infer_img_s": 200.0, "peak_mem_mb": 1.0,
+                "train_seconds": 9.0}
+
+    rows = ([row("se", s, a) for s, a in enumerate((0.92, 0.93, 0.94))]
+            + [row("none", s, a) for s, a in enumerate((0.90, 0.91, 0.92))]
+            + [row("eca", s, a) for s, a in enumerate((0.950, 0.951, 0.952))]
+            + [row("gam", 0, 0.5)])
+    s = {r["mechanism"]: r for r in summarise(rows)}
+    assert list(s)[0] == "none"
+    assert s["none"]["mean"] == pytest.approx(91.0) and s["none"]["std"] == pytest.approx(1.0)
+    # se - none: diff 2, se^2 = 1/3 + 1/3, Welch df = (2/3)^2 / (2 * (1/3)^2 / 2) = 4
+    half = 2.776445 * math.sqrt(2 / 3)
+    assert s["se"]["diff"] == pytest.approx(2.0)
+    assert s["se"]["ci_low"] == pytest.approx(2 - half, abs=1e-4)
+    assert s["se"]["ci_high"] == pytest.approx(2 + half, abs=1e-4)
+    assert s["se"]["significant"] == ""
+    # eca: + 4.1 points with a tiny spread of its own: significant
+    assert s["eca"]["significant"] == "*" and s["eca"]["ci_low"] > 0
+    # one seed: a difference but no interval
+    assert s["gam"]["diff"] == pytest.approx(-41.0) and s["gam"]["ci_low"] == ""
+    assert math.isnan(s["gam"]["std"])
+    assert welch_interval([1.0], [1.0, 2.0]) is None
+    assert welch_interval([1.0, 1.0], [2.0, 2.0]) == (-1.0, -1.0, -1.0)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["not_a_mechanism"], "not_a_mechanism"),
+    (["window_attention"], "map"),
+    (["temporal"], "map"),
+    (["--family", "token_local"], "no map"),
+    (["se", "--family", "channel_spatial"], "family"),
+    (["--seeds", "0"], "seeds"),
+])
+def test_bad_input_starts_nothing(argv, match, fake_cifar, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match=match):
+        cli.run(_args(*argv, "--data", str(fake_cifar), "--out", str(out)))
+    assert not out.exists()
+
+
+def test_missing_data_starts_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match="does not exist"):
+        cli.run(_args("se", "--data", str(tmp_path / "nowhere"), "--out", str(out)))
+    assert not out.exists()
+
+
+def test_backbone_init_does_not_depend_on_the_mechanism():
+    from spatial_attention.apps.compare.net import CompareNet
+
+    torch.manual_seed(3)
+    base = CompareNet("none", 0.25).state_dict()
+    torch.manual_seed(3)
+    other = CompareNet("gam", 0.25).state_dict()
+    shared = [k for k in base if not k.startswith("stages.") or ".attn." not in k]
+    assert shared and all(torch.equal(base[k], other[k]) for k in shared)
+    assert any(".attn." in k for k in other)
