@@ -8,16 +8,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from spatial_attention import bench, registry
-from spatial_attention.errors import UsageError
-from spatial_attention.flops import (
+from spatial_attention import registry
+from spatial_attention.apps.bench import bench
+from spatial_attention.apps.bench.flops import (
     count_flops,
     register_cpu_attention_formulas,
     sdpa_backward_flops,
     sdpa_forward_flops,
 )
+from spatial_attention.apps.bench.memory import (
+    TensorMemoryTracker,
+    peak_memory_bytes,
+    storage_bytes,
+)
+from spatial_attention.errors import UsageError
 from spatial_attention.layers.base import AttentionModule
-from spatial_attention.memory import TensorMemoryTracker, peak_memory_bytes, storage_bytes
 
 CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -278,7 +283,7 @@ def test_cli_bad_input_exits_2_with_one_line(cli, args):
 
 
 def test_profile_table_names_the_ops_that_ran_with_their_shapes():
-    from spatial_attention.bench import profile_table
+    from spatial_attention.apps.bench.bench import profile_table
 
     a, b = torch.randn(8, 16), torch.randn(16, 4)
     table = profile_table(lambda: a @ b, calls=3, rows=5)
@@ -302,7 +307,7 @@ def test_keep_freed_memory_reports_what_it_did():
 
     out = subprocess.run(
         [sys.executable, "-c",
-         "from spatial_attention.bench import keep_freed_memory as k; print(k())"],
+         "from spatial_attention.apps.bench import keep_freed_memory as k; print(k())"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()
     import platform

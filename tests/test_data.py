@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from spatial_attention.data import (
+from spatial_attention.apps.training.data import (
     BatchTransform,
     DigitsDataset,
     FolderDataset,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from spatial_attention.denoise import (
+from spatial_attention.apps.denoise import (
     add_noise,
     denoise_tiled,
     load_clean_images,
@@ -92,7 +92,7 @@ def test_tiled_inference_close_to_whole_image_for_a_local_model():
 
 
 def test_tiled_inference_memory_is_bounded_by_the_tile():
-    from spatial_attention.memory import TensorMemoryTracker
+    from spatial_attention.apps.bench.memory import TensorMemoryTracker
 
     model = create_model("nbnet_small", depth=2, width=4, skip_mid=4).eval()
 

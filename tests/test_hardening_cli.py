@@ -147,7 +147,7 @@ def test_denoise_reads_the_model_from_safetensors_metadata(capsys, tmp_path, mon
     from safetensors.torch import save_file
     from PIL import Image
 
-    from spatial_attention import denoise
+    from spatial_attention.apps.denoise import cli as denoise
 
     Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(tmp_path / "img.png")
     path = tmp_path / "w.safetensors"
@@ -258,10 +258,10 @@ def test_viz_temporal_message_does_not_contradict_itself(capsys, tmp_path):
 
 
 def _count_host_reads(monkeypatch) -> list[str]:
-    """Tensor -> Python reads made by train.py's step loop itself (on CUDA each one waits
+    """Tensor -> Python reads made by the training loop itself (on CUDA each one waits
     for the device). Reads inside torch and the data pipeline are not counted, nor those
     of ``_drop_unreadable``, which reads the loader's CPU labels before the copy."""
-    import spatial_attention.train as tr
+    import spatial_attention.apps.training.loop as tr
 
     calls: list[str] = []
     loop = {"_step", "_train_epoch", "_should_stop"}

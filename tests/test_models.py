@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 import spatial_attention as sa
+from spatial_attention.apps.training import build_model
 from spatial_attention.errors import UsageError
 from spatial_attention.layers.base import AttentionModule
 from spatial_attention.models import create_model, list_models
 from spatial_attention.models.resnet import BasicBlock, Bottleneck, CifarResNet
 from spatial_attention.models.vit import VisionTransformer
-from spatial_attention.train import build_model
 
 
 class TinyGate(AttentionModule):

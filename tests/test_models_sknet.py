@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spatial_attention.flops import count_flops
+from spatial_attention.apps.bench.flops import count_flops
 from spatial_attention.layers.branch import SelectiveKernel
 from spatial_attention.models import create_model
 from spatial_attention.models.sknet import load_pretrained

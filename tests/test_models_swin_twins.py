@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from spatial_attention.apps.bench.flops import count_flops
 from spatial_attention.errors import UsageError
-from spatial_attention.flops import count_flops
 from spatial_attention.models import create_model
 from spatial_attention.models import swin as swin_mod
 from spatial_attention.models import twins as twins_mod

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from spatial_attention import capture_attention
+from spatial_attention.apps.sort_of_clevr import generate
 from spatial_attention.errors import UsageError
 from spatial_attention.layers.workspace import SharedWorkspace, split_workspace_records
 from spatial_attention.models import create_model, list_models
@@ -13,7 +14,6 @@ from spatial_attention.models.workspace import (
     load_reference_weights,
     sinusoid_code,
 )
-from spatial_attention.sort_of_clevr import generate
 
 SMALL = dict(dim=16, ffn_dim=32, depth=3, num_heads=4)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from spatial_attention import sort_of_clevr as soc
+from spatial_attention.apps import sort_of_clevr as soc
 
 # red, green, blue, orange, gray, yellow as (x, y) = (column, row)
 CENTERS = np.array([[10, 10], [60, 10], [10, 60], [60, 60], [35, 35], [35, 10]])

@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from spatial_attention.apps.training import evaluate_run
 from spatial_attention.checkpoint import check_state_dict, load_weights
 from spatial_attention.cli import build_parser
 from spatial_attention.cli import main as cli_main
 from spatial_attention.errors import UsageError
 from spatial_attention.models import create_model
-from spatial_attention.train import evaluate_run
 
 # a ResNet-10 of width 8 on 16x16 digits: 44 steps an epoch, milliseconds a step
 TINY = ["--model", "resnet10_cifar", "--model-arg", "width=8", "--img-size", "16",

@@ -1,9 +1,10 @@
 """The ``spatial-attention`` command: list, info, bench, viz, train, evaluate, denoise,
 train-denoiser.
 
-Each subcommand lives with the code it drives (``bench.py``, ``viz.py``, ``train.py``),
-which exposes ``add_arguments(parser)`` and ``run(args) -> int``. Bad arguments or
-inputs print one line to stderr and exit 2, never a traceback.
+Each subcommand's options live with the code it drives (``viz.py`` in the core; the
+applications under ``apps/``: ``bench``, ``training.cli``, ``denoise.cli``), which exposes
+``add_arguments(parser)`` and ``run(args) -> int``; this module only assembles them.
+Bad arguments or inputs print one line to stderr and exit 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -93,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=_cmd_info)
 
-    from . import bench, denoise, train, viz
+    from . import viz
+    from .apps import bench
+    from .apps.denoise import cli as denoise
+    from .apps.training import cli as train
 
     p = sub.add_parser("bench", help="parameters, FLOPs, time and memory of mechanisms")
     bench.add_arguments(p)

@@ -2,7 +2,8 @@
 
 * :func:`show_heatmaps` draws a grid of attention matrices ``(rows, cols, Q, K)``
   (d2l.ai's convention) that share one colour scale and one colour bar.
-* :func:`overlay` blends a spatial map of any size over an image.
+* :func:`overlay` blends a spatial map of any size over an image; :func:`overlay_row`
+  draws an image beside its overlays (one per mechanism).
 * :func:`attention_map` runs a registered mechanism on an image and returns where it
   attends, as an ``(h, w)`` map; ``spatial-attention viz`` saves that as a PNG.
 
@@ -37,6 +38,7 @@ __all__ = [
     "MissingDependencyError",
     "show_heatmaps",
     "overlay",
+    "overlay_row",
     "to_float_image",
     "upsample_map",
     "normalize_map",
@@ -293,6 +295,37 @@ def overlay(
         except OSError as exc:
             raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
     return blended
+
+
+def overlay_row(
+    image: Any,
+    maps: Sequence[tuple[str, Any]],
+    title: str | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    out: str | os.PathLike | None = None,
+    dpi: int = 100,
+):
+    """An image, then each ``(name, (h, w) map)`` of ``maps`` overlaid on it, in one row.
+
+    The figure training and evaluation save per validation image (one panel per
+    mechanism of the model). Returns the matplotlib ``Figure``; with ``out``, also
+    saves it there as a PNG.
+    """
+    img = to_float_image(image)
+    fig = _figure((2.2 * (len(maps) + 1), 2.6))
+    axes = fig.subplots(1, len(maps) + 1, squeeze=False)[0]
+    axes[0].imshow(img)
+    if title:
+        axes[0].set_title(title, fontsize=8)
+    for ax, (name, spatial_map) in zip(axes[1:], maps, strict=True):
+        ax.imshow(overlay(img, spatial_map, alpha=alpha, cmap=cmap))
+        ax.set_title(name, fontsize=7)
+    for ax in axes:
+        ax.set_axis_off()
+    if out is not None:
+        _save_figure(fig, out, dpi=dpi)
+    return fig
 
 
 # -- running a mechanism on an image -----------------------------------------------------

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from .errors import UsageError
+from ...errors import UsageError
 
 __all__ = [
     "BUILTIN_DIGITS",

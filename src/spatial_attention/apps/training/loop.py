@@ -1,4 +1,4 @@
-"""``spatial-attention train`` and ``spatial-attention evaluate``: image classification.
+"""The training and evaluation loops of ``spatial-attention train`` / ``evaluate``.
 
 ::
 
@@ -11,7 +11,7 @@
 
 A run directory holds ``config.json`` (every setting, the classes and the
 normalisation), ``checkpoint/`` (safetensors weights + a weights-only state file, see
-:mod:`spatial_attention.checkpoint`), ``metrics.csv``, ``curves.png`` and, for models
+:mod:`.checkpoints`), ``metrics.csv``, ``curves.png`` and, for models
 that contain mechanisms, ``attention/`` overlays of a few validation images.
 
 Exact resume: the checkpoint holds the model, optimizer, scheduler, grad scaler, EMA,
@@ -22,21 +22,23 @@ SIGTERM, ``--stop-at-step``) and resumed reaches the same weights as one that ne
 stopped. Distributed runs go through ``torchrun``, which sets ``WORLD_SIZE``/``RANK``:
 DistributedDataParallel, a DistributedSampler over the same global batch, logging and
 checkpoints on rank 0.
+
+The pieces around the loop live beside it: settings in :mod:`.config`, processes and
+devices in :mod:`.distributed`, the network in :mod:`.model`, the run's CSV, figures and
+overlays in :mod:`.reporting`, and the command line in :mod:`.cli`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
-import json
 import math
 import os
 import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -45,325 +47,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import UsageError
+from ...errors import UsageError
+from .config import (
+    _RESUME_FREE,
+    DEFAULTS,
+    _absolute_paths,
+    _default_out,
+    _explicit,
+    _parse_model_args,
+    _read_config,
+    _resolve,
+    _resume_checks,
+    _write_json,
+)
+from .distributed import Context, _agree, _all_reduce, _init_context, _resolve_device
+from .model import build_model
+from .reporting import _plot_confusion, _plot_curves, _read_metrics, _write_metrics, write_overlays
 
-__all__ = [
-    "DEFAULTS",
-    "add_arguments",
-    "add_evaluate_arguments",
-    "build_model",
-    "evaluate_run",
-    "main",
-    "run",
-    "run_evaluate",
-    "train",
-]
-
-PROG = "spatial-attention train"
-
-#: every setting of a run, as stored in config.json; None means "depends" (see _resolve)
-DEFAULTS: dict[str, Any] = {
-    "model": "resnet10_cifar",
-    "attn": None,
-    "model_arg": [],
-    "data": "builtin:digits",
-    "val": None,
-    "val_split": 0.1,
-    "img_size": 32,
-    "epochs": 5,
-    "batch": 64,
-    "opt": "adamw",
-    "lr": None,  # adamw 2e-3, sgd 0.1
-    "wd": None,  # adamw 0.05, sgd 5e-4
-    "momentum": 0.9,
-    "warmup_epochs": 0.5,
-    "min_lr": 0.0,
-    "label_smoothing": 0.1,
-    "clip_grad": 0.0,
-    "pad": None,  # img_size // 8
-    "flip": None,  # on for images, off for digits
-    "amp": "auto",
-    "channels_last": True,
-    "compile": False,
-    "ema": 0.0,
-    "seed": 0,
-    "workers": 2,
-    "device": "auto",
-    "sync_bn": False,
-    "deterministic": False,
-    "out": None,
-    "stop_at_step": None,
-    "progress": None,  # on when stderr is a terminal
-    "overlays": 4,
-}
-_OPT_DEFAULTS = {"adamw": {"lr": 2e-3, "wd": 0.05}, "sgd": {"lr": 0.1, "wd": 5e-4}}
-#: settings a resumed run may change without changing its result (or knowingly: device)
-_RESUME_FREE = {"workers", "progress", "stop_at_step", "overlays", "out", "device", "compile"}
-
-
-# -- arguments ----------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``spatial-attention train`` (and ``python -m spatial_attention.train``)."""
-    d = DEFAULTS
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", help=f"registered model or timm:NAME (default {d['model']})")
-    g.add_argument("--attn", help="mechanism for the model's attn_layer / token mixer "
-                   "(e.g. se, cbam; multi_head for ViTs; 'none')")
-    g.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                   help="extra model constructor argument, VALUE parsed as JSON when it can "
-                   "be (repeatable), e.g. --model-arg width=16")
-    g = parser.add_argument_group("data")
-    g.add_argument("--data", help="image folder, tar of one, or builtin:digits (default)")
-    g.add_argument("--val", help="validation folder/tar (default: test.tar/val.tar beside a "
-                   "train.tar, root/val or root/test beside root/train, else --val-split)")
-    g.add_argument("--val-split", type=float,
-                   help=f"fraction held out when there is no validation set ({d['val_split']})")
-    g.add_argument("--img-size", type=int, help=f"images are resized to this ({d['img_size']})")
-    g.add_argument("--pad", type=int, help="random-crop padding (default img-size // 8)")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction,
-                   help="random horizontal flips (default: on, off for digits)")
-    g.add_argument("--workers", type=int, help=f"DataLoader workers per process ({d['workers']})")
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help=f"default {d['epochs']}")
-    g.add_argument("--batch", type=int, help=f"global batch size, all ranks ({d['batch']})")
-    g.add_argument("--opt", choices=tuple(_OPT_DEFAULTS), help="adamw (default) or sgd")
-    g.add_argument("--lr", type=float, help="peak learning rate (adamw 2e-3, sgd 0.1)")
-    g.add_argument("--wd", type=float, help="weight decay (adamw 0.05, sgd 5e-4)")
-    g.add_argument("--momentum", type=float, help=f"SGD momentum, Nesterov ({d['momentum']})")
-    g.add_argument("--warmup-epochs", type=float,
-                   help=f"linear warm-up before the cosine decay ({d['warmup_epochs']})")
-    g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine (0)")
-    g.add_argument("--label-smoothing", type=float, help=f"({d['label_smoothing']})")
-    g.add_argument("--clip-grad", type=float, help="clip the gradient norm (0: off)")
-    g.add_argument("--ema", type=float, metavar="DECAY",
-                   help="keep an EMA of the weights with this decay, e.g. 0.999 (0: off)")
-    g.add_argument("--seed", type=int, help=f"({d['seed']})")
-    g = parser.add_argument_group("execution")
-    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    g.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"),
-                   help="mixed precision; auto = bf16 where the device supports it")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                   help="channels_last memory format (default: on)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model")
-    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
-                   help="SyncBatchNorm across ranks (CUDA only)")
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
-                   help="torch.use_deterministic_algorithms (CPU runs already are)")
-    g = parser.add_argument_group("run")
-    g.add_argument("--out", help="run directory (default runs/<model>[-<attn>]-<data>)")
-    g.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR (or --out) exactly where it stopped")
-    g.add_argument("--stop-at-step", type=int, metavar="N",
-                   help="save a checkpoint and stop after N optimizer steps in all")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction,
-                   help="progress bars (default: when stderr is a terminal)")
-    g.add_argument("--overlays", type=int,
-                   help=f"attention overlays of this many validation images ({d['overlays']})")
-
-
-def _explicit(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings given on the command line (argparse leaves the others None)."""
-    return {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
-
-
-def _absolute_paths(explicit: dict[str, Any]) -> dict[str, Any]:
-    """``--data``/``--val`` as absolute paths, so a run can be evaluated from anywhere."""
-    out = dict(explicit)
-    for key in ("data", "val"):
-        v = out.get(key)
-        if isinstance(v, str) and not v.startswith("builtin:") and Path(v).expanduser().exists():
-            out[key] = str(Path(v).expanduser().resolve())
-    return out
-
-
-def _parse_model_args(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise UsageError(f"--model-arg expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def _resolve(explicit: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults, then ``base`` (a resumed run's config), then the command line."""
-    cfg = {**DEFAULTS, **(base or {}), **explicit}
-    opt = cfg["opt"]
-    if cfg["lr"] is None:
-        cfg["lr"] = _OPT_DEFAULTS[opt]["lr"]
-    if cfg["wd"] is None:
-        cfg["wd"] = _OPT_DEFAULTS[opt]["wd"]
-    if cfg["pad"] is None:
-        cfg["pad"] = cfg["img_size"] // 8
-    if cfg["flip"] is None:
-        cfg["flip"] = not str(cfg["data"]).startswith("builtin:")
-    if cfg["attn"] in ("none", ""):
-        cfg["attn"] = None
-    for key in ("epochs", "batch", "img_size"):
-        if cfg[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
-    for key in ("workers", "pad", "warmup_epochs", "wd", "min_lr", "clip_grad"):
-        if not cfg[key] >= 0:  # `not >=`: NaN is wrong too
-            raise UsageError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
-    if not cfg["lr"] > 0:
-        raise UsageError(f"--lr must be > 0, got {cfg['lr']}")
-    if not 0.0 <= cfg["val_split"] < 1.0:
-        raise UsageError(f"--val-split must be in [0, 1), got {cfg['val_split']}")
-    if not 0.0 <= cfg["ema"] < 1.0:
-        raise UsageError(f"--ema must be a decay in [0, 1), got {cfg['ema']}")
-    if not 0.0 <= cfg["label_smoothing"] < 1.0:
-        raise UsageError(f"--label-smoothing must be in [0, 1), got {cfg['label_smoothing']}")
-    _parse_model_args(cfg["model_arg"])  # fail early on a malformed one
-    return cfg
-
-
-# -- distributed context ------------------------------------------------------------------
-
-
-@dataclass
-class Context:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-def _resolve_device(spec: str, local_rank: int) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UsageError(f"--device {spec!r} is not a device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
-def _init_context(device_spec: str) -> Context:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _resolve_device(device_spec, local_rank)
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.init_process_group(backend=backend)
-    elif device.type == "cuda":
-        torch.cuda.set_device(device)
-    return Context(rank, world, local_rank, device)
-
-
-def _agree(ctx: Context, fn):
-    """Run ``fn`` on rank 0 and hand its result (or its UsageError) to every rank."""
-    if not ctx.distributed:
-        return fn()
-    import torch.distributed as dist
-
-    box: list[Any] = [None]
-    if ctx.main:
-        try:
-            box[0] = ("ok", fn())
-        except UsageError as exc:
-            box[0] = ("error", str(exc))
-    dist.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == "error":
-        raise UsageError(value)
-    return value
-
-
-def _all_reduce(ctx: Context, t: Tensor) -> Tensor:
-    if ctx.distributed:
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-    return t
-
-
-# -- model --------------------------------------------------------------------------------
-
-
-def build_model(
-    name: str,
-    num_classes: int,
-    attn: str | None = None,
-    img_size: int = 32,
-    model_args: dict[str, Any] | None = None,
-) -> nn.Module:
-    """A registered model (or ``timm:NAME``) for ``num_classes`` classes, ``attn`` inside."""
-    kwargs = dict(model_args or {})
-    if name.startswith("timm:"):
-        try:
-            import timm
-        except ImportError:
-            raise UsageError(
-                f"--model {name}: timm is not installed; pip install spatial-attention[timm]"
-            ) from None
-        except Exception as exc:  # a broken install (e.g. a mismatched torchvision)
-            raise UsageError(
-                f"--model {name}: timm failed to import ({type(exc).__name__}: "
-                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
-                "reinstall it with pip install spatial-attention[timm]"
-            ) from None
-        if attn is not None:
-            # timm's ResNet family takes attn_layer through block_args (see
-            # integrations/timm.py); other timm models refuse it with a TypeError.
-            from .integrations.timm import attn_layer
-
-            block_args = dict(kwargs.pop("block_args", {}) or {})
-            block_args["attn_layer"] = attn_layer(attn)
-            kwargs["block_args"] = block_args
-        try:
-            # pretrained=False: nothing is downloaded
-            return timm.create_model(
-                name[5:], pretrained=False, num_classes=num_classes, **kwargs
-            )
-        except TypeError as exc:
-            raise UsageError(
-                f"--model {name}: timm could not build it with {sorted(kwargs)} ({exc}); "
-                "--attn works with timm's ResNet family (block_args=dict(attn_layer=...))"
-            ) from None
-    from .models import model_info
-
-    try:
-        builder = model_info(name).builder
-    except ValueError as exc:
-        raise UsageError(f"--model: {exc}") from None
-    params = inspect.signature(builder).parameters
-    if "img_size" in params:
-        kwargs.setdefault("img_size", img_size)
-    kwargs["num_classes"] = num_classes
-    if attn is not None:
-        kwargs["attn_layer"] = attn
-    try:
-        return builder(**kwargs)
-    except TypeError as exc:
-        raise UsageError(f"--model {name}: {exc} (check --attn / --model-arg)") from None
-    except ValueError as exc:
-        raise UsageError(f"--model {name}: {exc}") from None
+__all__ = ["WarmupCosine", "evaluate_run", "train"]
 
 
 def _param_groups(model: nn.Module, wd: float) -> list[dict[str, Any]]:
@@ -446,47 +147,6 @@ def _loader(ds, sampler, batch: int, cfg: dict, ctx: Context, drop_last: bool, s
     )
 
 
-def _default_out(cfg: dict, data_name: str) -> str:
-    stem = "-".join(
-        s.replace(":", "_").replace("/", "_")
-        for s in (cfg["model"], cfg["attn"], data_name)
-        if s
-    )
-    out = Path("runs") / stem
-    i = 1
-    while out.exists() and any(out.iterdir()):
-        out = Path("runs") / f"{stem}-{i}"
-        i += 1
-    return str(out)
-
-
-def _read_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise UsageError(f"{run_dir} is not a training run (no config.json)")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is corrupt ({exc})") from None
-    if not isinstance(cfg, dict) or "settings" not in cfg:
-        model = cfg.get("model") if isinstance(cfg, dict) else None
-        if isinstance(model, str) and "noise" in cfg:  # train-denoiser's flat config
-            raise UsageError(
-                f"{run_dir} is a denoiser run (train-denoiser, model {model}), not a "
-                f"classifier run: use `spatial-attention denoise IN --out OUT --weights "
-                f"{run_dir}`, or `train-denoiser --resume {run_dir}`"
-            )
-        raise UsageError(f"{run_dir} is not a classifier run (its config.json has no "
-                         "settings)")
-    return cfg
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
 class _StopFlag:
     """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and stops after the step.
 
@@ -563,203 +223,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-# -- drawing ------------------------------------------------------------------------------
-
-
-def _figure(figsize):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _plot_curves(rows: list[dict[str, str]], path: Path) -> None:
-    try:
-        fig = _figure((11, 3.4))
-    except ImportError:
-        return
-    ep = [int(r["epoch"]) for r in rows]
-
-    def col(key):
-        return [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows]
-
-    ax1, ax2, ax3 = fig.subplots(1, 3)
-    ax1.plot(ep, col("train_loss"), "o-", label="train")
-    ax1.plot(ep, col("val_loss"), "o-", label="val")
-    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax2.plot(ep, col("train_acc"), "o-", label="train")
-    ax2.plot(ep, col("val_acc"), "o-", label="val")
-    if any(r.get("val_acc_ema") not in (None, "") for r in rows):
-        ax2.plot(ep, col("val_acc_ema"), "o--", label="val (EMA)")
-    ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    ax3.plot(ep, col("images_per_s"), "o-")
-    ax3.set(xlabel="epoch", ylabel="images/s", title="throughput")
-    for ax in (ax1, ax2):
-        ax.legend()
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in (ax1, ax2, ax3):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def _plot_confusion(confusion: Tensor, classes: list[str], path: Path, title: str) -> None:
-    n = len(classes)
-    fig = _figure((1.2 + 0.45 * n, 1.0 + 0.4 * n) if n > 10 else (6.5, 5.5))
-    ax = fig.subplots()
-    cm = confusion.double()
-    rates = cm / cm.sum(1, keepdim=True).clamp_min(1)
-    im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                v = int(confusion[i, j])
-                if v:
-                    ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                            color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), classes, fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def _module_grid(model: nn.Module, module: nn.Module, shape: tuple[int, ...],
-                 image_hw: tuple[int, int]) -> tuple[int, int] | None:
-    layout = getattr(module, "layout", "map")
-    if layout == "map" and len(shape) == 4:
-        return shape[-2], shape[-1]
-    if layout == "tokens" and len(shape) == 4:
-        return shape[1], shape[2]
-    if len(shape) == 3:
-        n = shape[1]
-        if hasattr(model, "grid_size"):
-            gh, gw = model.grid_size(*image_hw)
-            if gh * gw == n:
-                return gh, gw
-        r = math.isqrt(n)
-        if r * r == n:
-            return r, r
-    return None
-
-
-@torch.no_grad()
-def write_overlays(
-    model: nn.Module,
-    dataset,
-    transform,
-    classes: list[str],
-    out_dir: Path,
-    count: int,
-    device: torch.device,
-) -> list[Path]:
-    """PNG per validation image: the image and where each mechanism attends.
-
-    Uses :func:`~spatial_attention.capture_attention` and each mechanism's
-    ``spatial_map``; mechanisms without a spatial map (channel attention such as SE)
-    are skipped. Returns the written paths (none when the model has no mechanism with a
-    spatial map, or matplotlib is missing).
-    """
-    from .capture import attention_modules, capture_attention
-
-    mods = attention_modules(model)
-    if not mods or count <= 0 or dataset is None:
-        return []
-    try:
-        _figure((1, 1))
-    except ImportError:
-        return []
-    samples = []
-    for i in range(len(dataset)):
-        img, label, key = dataset[i]
-        if label >= 0:
-            samples.append((img, label, key))
-        if len(samples) == count:
-            break
-    if not samples:
-        return []
-    x8 = torch.stack([s[0] for s in samples])
-    keys = torch.tensor([s[2] for s in samples])
-    x = transform(x8.to(device), keys, 0, train=False)
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = []
-    for name, m in mods:
-        def hook(mod, inputs, name=name):
-            if inputs and isinstance(inputs[0], Tensor):
-                shapes.setdefault(name, tuple(inputs[0].shape))
-        hooks.append(m.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with capture_attention(model) as maps:
-            logits = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    H, W = x.shape[-2:]
-    panels: list[tuple[str, Tensor]] = []
-    for name, m in mods:
-        if name not in maps or name not in shapes:
-            continue
-        grid = _module_grid(model, m, shapes[name], (H, W))
-        if grid is None:
-            continue
-        try:
-            smap = type(m).spatial_map(maps[name], grid)  # (B, h, w)
-        except ValueError:
-            continue  # e.g. channel weights: no spatial map
-        if smap.dim() == 3 and smap.shape[0] == len(samples):
-            panels.append((name, smap.float().cpu()))
-    if not panels:
-        return []
-    if len(panels) > 6:  # keep the figure readable: evenly spaced, always the last
-        pick = np.linspace(0, len(panels) - 1, 6).round().astype(int)
-        panels = [panels[i] for i in sorted(set(pick.tolist()))]
-    try:
-        from .viz import overlay as _overlay
-    except ImportError:  # pragma: no cover - viz ships with the package
-        _overlay = None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pred = logits.argmax(1).cpu()
-    written = []
-    for b, (img, label, key) in enumerate(samples):
-        image = img.permute(1, 2, 0).numpy()  # (H, W, 3) uint8
-        fig = _figure((2.2 * (len(panels) + 1), 2.6))
-        axes = fig.subplots(1, len(panels) + 1)
-        axes[0].imshow(image)
-        axes[0].set_title(f"true {classes[label]}\npred {classes[int(pred[b])]}", fontsize=8)
-        for ax, (name, smap) in zip(axes[1:], panels, strict=False):
-            m = smap[b]
-            if _overlay is not None:
-                blend = _overlay(image, m.numpy())
-            else:
-                up = F.interpolate(m[None, None], size=image.shape[:2], mode="bilinear",
-                                   align_corners=False)[0, 0]
-                up = (up - up.min()) / (up.max() - up.min()).clamp_min(1e-12)
-                blend = 0.5 * image / 255.0 + 0.5 * _jet(up.numpy())
-            ax.imshow(blend)
-            ax.set_title(name, fontsize=7)
-        for ax in axes:
-            ax.axis("off")
-        fig.tight_layout()
-        path = out_dir / f"val_{key:05d}.png"
-        fig.savefig(path, dpi=100)
-        written.append(path)
-    return written
-
-
-def _jet(v: np.ndarray) -> np.ndarray:
-    from matplotlib import colormaps
-
-    return colormaps["jet"](v)[..., :3]
-
-
 # -- training -----------------------------------------------------------------------------
 
 _STOP_AT_STEP = 1000  # a stop code no signal number reaches
@@ -767,12 +230,6 @@ _STOP_AT_STEP = 1000  # a stop code no signal number reaches
 #: across ranks): each read waits for the device to drain its queue, so a GPU would
 #: otherwise idle while the host prepares the next step
 _SYNC_EVERY = 16
-
-_CSV_FIELDS = [
-    "epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_acc_ema",
-    "images_per_s", "epoch_time_s", "unreadable_train", "unreadable_val",
-]
-
 
 def _drop_unreadable(
     x: Tensor, y: Tensor, keys: Tensor
@@ -793,20 +250,8 @@ def _drop_unreadable(
     return x[ok], y[ok], keys[ok], bad
 
 
-def _read_metrics(path: Path) -> list[dict[str, str]]:
-    from .checkpoint import read_csv_rows
-
-    return read_csv_rows(path)
-
-
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    from .checkpoint import write_csv_rows
-
-    write_csv_rows(path, rows, _CSV_FIELDS)
-
-
 def _gather_rng(ctx: Context) -> list[dict[str, Any]]:
-    from .checkpoint import get_rng_state
+    from .checkpoints import get_rng_state
 
     mine = get_rng_state()
     if not ctx.distributed:
@@ -816,20 +261,6 @@ def _gather_rng(ctx: Context) -> list[dict[str, Any]]:
     states: list[Any] = [None] * ctx.world
     dist.all_gather_object(states, mine)
     return states
-
-
-def _resume_checks(explicit: dict[str, Any], saved: dict[str, Any], run_dir: Path) -> None:
-    differ = []
-    for k, v in explicit.items():
-        if k in _RESUME_FREE:
-            continue
-        if saved.get(k) != v:
-            differ.append(f"--{k.replace('_', '-')} {v!r} (the run has {saved.get(k)!r})")
-    if differ:
-        raise UsageError(
-            f"--resume {run_dir}: the run was made with other settings, and changing them "
-            "would not continue it exactly: " + "; ".join(differ)
-        )
 
 
 def train(args: argparse.Namespace) -> int:
@@ -1003,7 +434,7 @@ class _Trainer:
     def _write_config(self) -> None:
         if not self.ctx.main:
             return
-        from . import __version__
+        from ... import __version__
 
         n_params = sum(p.numel() for p in self.model.parameters())
         settings = {k: self.cfg[k] for k in DEFAULTS}
@@ -1029,7 +460,7 @@ class _Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def _save(self, finished: bool = False) -> None:
-        from .checkpoint import CHECKPOINT_DIR, save_checkpoint
+        from .checkpoints import CHECKPOINT_DIR, save_checkpoint
 
         rng = _gather_rng(self.ctx)
         sums = _all_reduce(self.ctx, self.sums.clone())
@@ -1065,14 +496,8 @@ class _Trainer:
         )
 
     def _load(self) -> None:
-        from .checkpoint import (
-            CHECKPOINT_DIR,
-            check_state_dict,
-            load_state,
-            load_weights,
-            read_weights,
-            set_rng_state,
-        )
+        from ...checkpoint import check_state_dict, load_weights, read_weights
+        from .checkpoints import CHECKPOINT_DIR, load_state, set_rng_state
 
         ckpt = self.run_dir / CHECKPOINT_DIR
         if not ckpt.is_dir():
@@ -1326,33 +751,11 @@ class _Trainer:
         if paths:
             self.log(f"attention overlays: {self.run_dir / 'attention'} ({len(paths)} images)")
         elif cfg["overlays"] > 0 and self.val_ds is not None:
-            from .capture import attention_modules
+            from ...capture import attention_modules
 
             if attention_modules(model):
                 self.log("no attention overlays: the model's mechanisms record no spatial map "
                          "(channel attention)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``spatial-attention train``."""
-    return train(args)
-
-
-# -- evaluate -----------------------------------------------------------------------------
-
-
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``spatial-attention evaluate``."""
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a directory made by train")
-    parser.add_argument("--data", help="evaluate on this folder/tar instead of the run's "
-                        "validation set")
-    parser.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
-                        help="auto: the EMA weights when the run kept them")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--overlays", type=int, default=8,
-                        help="attention overlays of this many images (0: none)")
 
 
 def evaluate_run(
@@ -1369,7 +772,8 @@ def evaluate_run(
     Writes ``eval.json``, ``confusion.png`` and ``attention/`` into ``run_dir`` and
     returns the contents of ``eval.json``.
     """
-    from .checkpoint import CHECKPOINT_DIR, load_weights
+    from ...checkpoint import load_weights
+    from .checkpoints import CHECKPOINT_DIR
     from .data import BatchTransform, ShardSampler, _open_one, open_datasets
 
     run_dir = Path(run_dir)
@@ -1429,44 +833,3 @@ def evaluate_run(
                            ctx.device)
     result["overlays"] = [str(p) for p in paths]
     return result
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    """``spatial-attention evaluate RUN_DIR``."""
-    r = evaluate_run(args.run_dir, args.data, args.weights, args.batch, args.workers,
-                     args.device, args.overlays)
-    print(f"{r['run']}: accuracy {r['accuracy']:.4f} on {r['images']} images "
-          f"({r['weights']} weights, {r['data']})")
-    if r["unreadable"]:
-        print(f"  {r['unreadable']} unreadable images skipped")
-    w = max(len(c) for c in r["classes"])
-    for c, acc in r["per_class_accuracy"].items():
-        print(f"  {c:<{w}}  {acc:.4f}")
-    print(f"wrote {Path(r['run']) / 'eval.json'}"
-          + (f", {r['confusion_png']}" if "confusion_png" in r else "")
-          + (f", {len(r['overlays'])} attention overlays" if r["overlays"] else ""))
-    return 0
-
-
-# -- python -m spatial_attention.train (torchrun) -----------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m spatial_attention.train`` (what torchrun launches)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m spatial_attention.train",
-        description="Train an image classifier (the options of `spatial-attention train`).",
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return train(args)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

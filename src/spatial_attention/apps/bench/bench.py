@@ -23,9 +23,9 @@ Every mechanism builds its own module and a typical input through the registry
 parameters and inputs (mixed precision training as people run it); ``float64`` converts
 module and inputs.
 
->>> from spatial_attention import bench
->>> results = bench.benchmark(["multi_head"], batch=1, channels=8, size=(4, 4))
->>> bench.write_csv(results, "costs.csv")
+>>> from spatial_attention.apps.bench import benchmark, write_csv
+>>> results = benchmark(["multi_head"], batch=1, channels=8, size=(4, 4))
+>>> write_csv(results, "costs.csv")
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import registry
-from .errors import UsageError
+from ... import registry
+from ...errors import UsageError
 from .flops import count_flops
 from .memory import peak_memory_bytes
 
