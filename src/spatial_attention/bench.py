@@ -1,0 +1,11 @@
+"""Moved: the cost harness is :mod:`spatial_attention.apps.bench`.
+
+This path still works and warns (DeprecationWarning) on each name it hands out.
+"""
+
+from ._moved import forward_to
+
+__getattr__, __dir__ = forward_to(__name__, (
+    "spatial_attention.apps.bench",
+    "spatial_attention.apps.bench.bench",
+))

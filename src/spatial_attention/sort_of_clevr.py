@@ -1,0 +1,10 @@
+"""Moved: the Sort-of-CLEVR generator is :mod:`spatial_attention.apps.sort_of_clevr`.
+
+This path still works and warns (DeprecationWarning) on each name it hands out.
+"""
+
+from ._moved import forward_to
+
+__getattr__, __dir__ = forward_to(__name__, (
+    "spatial_attention.apps.sort_of_clevr",
+))
