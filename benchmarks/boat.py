@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 import spatial_attention as sa
-from spatial_attention.flops import count_flops
-from spatial_attention.memory import TensorMemoryTracker
+from spatial_attention.apps.bench.flops import count_flops
+from spatial_attention.apps.bench.memory import TensorMemoryTracker
 
 MECHS = {
     "global (multi_head)": ("multi_head", {}),
@@ -129,7 +129,7 @@ def load_reference(git_dir: str) -> type:
 def reference(args: argparse.Namespace) -> None:
     allocator = "default allocator"
     if args.keep_freed_memory:
-        from spatial_attention.bench import keep_freed_memory
+        from spatial_attention.apps.bench import keep_freed_memory
 
         allocator = keep_freed_memory()
     Ref = load_reference(args.reference_git)
@@ -193,7 +193,7 @@ def reference(args: argparse.Namespace) -> None:
 
 def profile(args: argparse.Namespace) -> None:
     """Where FSLA's forward + backward goes: torch.profiler's table by op and shape."""
-    from spatial_attention.bench import profile_table
+    from spatial_attention.apps.bench import profile_table
 
     torch.manual_seed(0)
     ours = sa.create("fsla", args.dim, args.heads)
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                         "package name, timed in the same rounds")
     r.add_argument("--keep-freed-memory", action="store_true",
                    help="glibc keeps freed blocks: no page faults on reallocation "
-                        "(spatial_attention.bench.keep_freed_memory)")
+                        "(spatial_attention.apps.bench.keep_freed_memory)")
     f = sub.add_parser("profile", help="torch.profiler table of FSLA's forward + backward")
     f.add_argument("--batch", type=int, default=8)
     f.add_argument("--side", type=int, default=56)

@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 
 import spatial_attention as sa
-from spatial_attention.bench import interleaved_times, keep_freed_memory
+from spatial_attention.apps.bench import interleaved_times, keep_freed_memory
 
 Case = Callable[[], object]
 
 
-# -- timing: round-robin, see spatial_attention.bench.interleaved_times ------------
+# -- timing: round-robin, see spatial_attention.apps.bench.interleaved_times ------------
 def interleaved(cases: dict[str, Case], repeats: int, warmup: int = 2) -> dict[str, list]:
     return interleaved_times(cases, repeats, warmup)
 

@@ -16,7 +16,7 @@ Three steps, each resumable, results written as they come:
     python benchmarks/denoise_study.py ssa
 
 Held-out images: ``camera`` and ``grace_hopper`` (never trained on; see
-``spatial_attention.denoise.TEST_IMAGES``), centre-cropped to ``--crop`` (0: whole
+``spatial_attention.apps.denoise.TEST_IMAGES``), centre-cropped to ``--crop`` (0: whole
 image). Classical denoisers get the true Gaussian sigma (an oracle the networks do not
 have: they are blind) and, for Poisson-Gaussian noise, scikit-image's ``estimate_sigma``.
 The full run (official patch 128, batch 32, more steps, a GPU) is the same command with
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spatial_attention.denoise import (
+from spatial_attention.apps.denoise import (
     add_noise,
     build_denoiser,
     denoise_tiled,
@@ -275,7 +275,7 @@ def cmd_ssa(args: argparse.Namespace) -> None:
     """SSA alone: fused (solve) vs explicit (N x N projection) forward time and memory."""
     import spatial_attention as sa
     from spatial_attention.capture import explicit_path
-    from spatial_attention.memory import TensorMemoryTracker
+    from spatial_attention.apps.bench.memory import TensorMemoryTracker
 
     torch.set_num_threads(args.threads)
     print(f"| C | H x W | path | ms (median of {args.repeat}) | peak tensor MiB |")

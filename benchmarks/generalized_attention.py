@@ -10,7 +10,7 @@ any timing.
 
 For every ``attention_type`` (all 15), it reports the median forward time, forward +
 backward time, and peak tensor memory of forward + backward (parameters and input
-included; spatial_attention.memory) of: mmcv's computation, our fused path, our
+included; spatial_attention.apps.bench.memory) of: mmcv's computation, our fused path, our
 explicit path.
 
     python benchmarks/generalized_attention.py --threads 2 --repeats 15 \
@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from spatial_attention import create, explicit_path
-from spatial_attention.bench import keep_freed_memory, profile_table
+from spatial_attention.apps.bench import keep_freed_memory, profile_table
+from spatial_attention.apps.bench.memory import peak_memory_bytes
 from spatial_attention.functional import scoring
-from spatial_attention.memory import peak_memory_bytes
 
 
 def _mmcv_embedding(n_q, n_k, q_stride, kv_stride, magnitude, feat_dim, x, wave=1000.0):
@@ -256,7 +256,7 @@ def main() -> None:
                    help="implementations to time (one per process: no interleaving effects "
                    "between them on the heap)")
     p.add_argument("--keep-freed-memory", action="store_true",
-                   help="glibc keeps freed memory (spatial_attention.bench.keep_freed_memory)")
+                   help="glibc keeps freed memory (spatial_attention.apps.bench.keep_freed_memory)")
     p.add_argument("--tile-bytes", type=int, default=None,
                    help="functional.scoring.TILE_BYTES for the kept probabilities (0: untiled)")
     p.add_argument("--profile", action="store_true",

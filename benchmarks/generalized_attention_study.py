@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from spatial_attention.data import TarDataset
-from spatial_attention.flops import count_flops
+from spatial_attention.apps.bench.flops import count_flops
+from spatial_attention.apps.training.data import TarDataset
 from spatial_attention.models import create_model
 
 VARIANTS = {

@@ -25,7 +25,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from spatial_attention.bench import interleaved_times, keep_freed_memory
+from spatial_attention.apps.bench import interleaved_times, keep_freed_memory
 from spatial_attention.functional import materialized_attention, scoring
 
 SHAPES = {  # name: (blocks lead, queries, keys, qk width, v width, scale, constant columns)

@@ -22,7 +22,7 @@ import statistics
 
 import torch
 
-from spatial_attention.bench import interleaved_times
+from spatial_attention.apps.bench import interleaved_times
 from spatial_attention.layers.multiview import MultiViewWindowAttention
 from spatial_attention.layers.window import WindowAttention
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from spatial_attention.data import TarDataset
+from spatial_attention.apps.training.data import TarDataset
 from spatial_attention.models import create_model
 
 MODELS = {

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from spatial_attention.flops import count_flops
-from spatial_attention.train import build_model
+from spatial_attention.apps.bench.flops import count_flops
+from spatial_attention.apps.training import build_model
 
 
 @dataclass(frozen=True)

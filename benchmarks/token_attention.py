@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 
-from spatial_attention.bench import interleaved_times
-from spatial_attention.flops import count_flops
+from spatial_attention.apps.bench import interleaved_times
+from spatial_attention.apps.bench.flops import count_flops
+from spatial_attention.apps.bench.memory import peak_memory_bytes
 from spatial_attention.layers.global_attention import GlobalAttention, GlobalSubsampledAttention
 from spatial_attention.layers.window import WindowAttention
-from spatial_attention.memory import peak_memory_bytes
 from spatial_attention.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]

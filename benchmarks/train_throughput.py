@@ -64,7 +64,7 @@ def load_batches(data: str, n: int, batch: int, size: int = 32):
         y = torch.randint(0, 10, (n * batch,), generator=g)
         mean, std = [0.49, 0.48, 0.44], [0.25, 0.24, 0.26]
     else:
-        from spatial_attention.data import TarDataset, channel_stats
+        from spatial_attention.apps.training.data import TarDataset, channel_stats
 
         ds = TarDataset(data, size)
         idx = torch.randperm(len(ds), generator=g)[: n * batch].tolist()
@@ -78,7 +78,7 @@ def load_batches(data: str, n: int, batch: int, size: int = 32):
 
 
 def bench_one(args, attn: str, mode: str, precision: str, batches, mean, std) -> dict:
-    from spatial_attention.data import BatchTransform
+    from spatial_attention.apps.training.data import BatchTransform
     from spatial_attention.models import create_model
 
     device = torch.device(args.device)

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from spatial_attention.apps.sort_of_clevr import KINDS, SUBTYPES, generate
 from spatial_attention.models import create_model
-from spatial_attention.sort_of_clevr import KINDS, SUBTYPES, generate
 
 
 def parse_args(argv=None) -> argparse.Namespace:
