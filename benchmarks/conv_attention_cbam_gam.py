@@ -208,7 +208,7 @@ def bench_cbam(args, notes: list[str]) -> None:
     explicit.load_state_dict(ours.state_dict())
     for m in explicit.modules():
         if hasattr(m, "fused"):
-            m.fused = False
+            m.attn_impl = "explicit"
     others, more = competitors(args, C)
     notes.extend(more)
     if "official CBAM" in others:  # same weights: check the outputs agree before timing
@@ -269,7 +269,7 @@ def bench_gam(args, notes: list[str]) -> None:
     explicit.load_state_dict(ours.state_dict())
     for m in explicit.modules():
         if hasattr(m, "fused"):
-            m.fused = False
+            m.attn_impl = "explicit"
     fl = gam_flops(ours, x)
     peaks, peak_flops = peak_cases(ours, x)
 

@@ -141,7 +141,7 @@ def measure(attention_type: str, args) -> list[dict]:
     m = create("generalized_attention", args.channels, num_heads=args.heads,
                attention_type=attention_type, kv_stride=args.kv_stride,
                q_stride=args.q_stride, spatial_range=args.spatial_range,
-               memory_efficient=args.memory_efficient)
+               attn_impl="sdpa" if args.memory_efficient else None)
     with torch.no_grad():
         m.gamma.fill_(1.0)
     x = torch.randn(args.batch, args.channels, args.size, args.size)

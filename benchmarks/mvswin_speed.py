@@ -45,7 +45,7 @@ def main() -> int:
 
     def mv(mode: str, fused: bool = True) -> MultiViewWindowAttention:
         m = MultiViewWindowAttention(C, h, window_size=M, shift=args.shift, mode=mode)
-        m.fused = fused
+        m.attn_impl = None if fused else "explicit"
         return m
 
     mods = {"mix fused": mv("mix"), "mix explicit": mv("mix", False),

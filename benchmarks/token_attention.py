@@ -113,7 +113,7 @@ def layer_cases(timm, device):
     ours = WindowAttention(96, 3, window_size=7, shift_size=3).to(device)
     ours_sp = WindowAttention(96, 3, window_size=7, shift_size=3).to(device)
     ours_sp.load_state_dict(ours.state_dict())
-    ours_sp.save_probs = True  # CPU: probabilities kept for backward (more memory)
+    ours_sp.attn_impl = "kept_probs"  # CPU: probabilities kept for backward (more memory)
     cases["sw-msa"] = {"ours": ours, "ours (save_probs)": ours_sp}
     if timm is not None:
         from timm.models.swin_transformer import SwinTransformerBlock
@@ -128,7 +128,7 @@ def layer_cases(timm, device):
     gsa = GlobalSubsampledAttention(64, 2, sr_ratio=8).to(device)
     lsa_sp = WindowAttention(64, 2, window_size=7, position_bias=False).to(device)
     lsa_sp.load_state_dict(lsa.state_dict())
-    lsa_sp.save_probs = True
+    lsa_sp.attn_impl = "kept_probs"
     cases["twins-lsa"] = {"ours": lsa, "ours (save_probs)": lsa_sp}
     cases["twins-gsa"] = {"ours": gsa}
     if timm is not None:

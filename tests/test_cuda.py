@@ -107,7 +107,7 @@ def test_window_attention_flex_path_cuda():
     x = torch.randn(2, 30, 23, 64, device="cuda")
     with torch.no_grad():
         expected = attn(x)
-        attn.flex = True
+        attn.attn_impl = "flex"
         torch.testing.assert_close(attn(x), expected, atol=1e-4, rtol=1e-4)
 
 

@@ -15,6 +15,8 @@ from spatial_attention.functional import (
     scoring,
     sequence_mask,
 )
+from spatial_attention.functional import dispatch
+from spatial_attention.functional.kernels import kept_probs
 
 
 @pytest.fixture(params=["short_keys", "sdpa"])
@@ -293,7 +295,7 @@ def test_kept_probabilities_tiled_equal_untiled(kind, monkeypatch):
     inputs = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
 
     def run(tile_bytes):
-        monkeypatch.setattr(scoring, "TILE_BYTES", tile_bytes)
+        monkeypatch.setattr(kept_probs, "TILE_BYTES", tile_bytes)
         out = materialized_attention(q, k, v, mask, 0.7, constant_key_columns=fixed)
         weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
         return [out, *torch.autograd.grad((out * weight).sum(), inputs)]
@@ -350,7 +352,7 @@ def test_materialized_attention_plain_path_matches_the_kept_probabilities(kind, 
         return [out, *torch.autograd.grad(out.square().sum(), inputs)]
 
     kept = run()
-    monkeypatch.setattr(scoring, "_kept_probs_apply", lambda t: False)
+    monkeypatch.setattr(dispatch, "kept_probs_applies", lambda t: False)
     plain = run()
     for a, b in zip(kept, plain, strict=True):
         torch.testing.assert_close(a, b)

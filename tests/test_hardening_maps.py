@@ -243,7 +243,7 @@ def test_mmcv_compat_reproduces_mmcv_s_e2_branch(attention_type, kw, size):
     torch.testing.assert_close(got, expected)
     terms, _ = maps.calls("")
     torch.testing.assert_close(terms.sum(2), _mmcv_energy(m, x))
-    m.memory_efficient = True
+    m.attn_impl = "sdpa"  # memory-efficient
     torch.testing.assert_close(m(x), expected)
     # the default is the paper's formula, which differs from mmcv's on a random map
     paper = _ga(attention_type, **kw)
@@ -254,7 +254,7 @@ def test_mmcv_compat_gradients_match_between_paths():
     m = _ga("1100", mmcv_compat=True, kv_stride=1)
     x = torch.randn(1, 8, 4, 4, dtype=torch.float64, requires_grad=True)
     for fused in (True, False):
-        m.fused = fused
+        m.attn_impl = None if fused else "explicit"
         assert torch.autograd.gradcheck(m, (x,), fast_mode=True)
 
 

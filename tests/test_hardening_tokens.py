@@ -60,7 +60,7 @@ def test_flex_block_mask_cache_holds_no_inference_tensor():
     # the block mask an inference_mode call cached
     torch.manual_seed(0)
     m = sa.create("shifted_window_attention", 16, 2, window_size=4).eval()
-    m.flex = True
+    m.attn_impl = "flex"
     x = torch.randn(1, 6, 7, 16)
     with torch.inference_mode():
         out = m(x)
@@ -69,7 +69,7 @@ def test_flex_block_mask_cache_holds_no_inference_tensor():
     for bm in masks:
         tensors = [t for t in vars(bm).values() if isinstance(t, torch.Tensor)]
         assert tensors and not any(t.is_inference() for t in tensors)
-    m.flex = False
+    m.attn_impl = None
     with torch.no_grad():
         torch.testing.assert_close(out, m(x), atol=1e-5, rtol=1e-5)
 

@@ -108,7 +108,7 @@ def test_gradcheck_tiny_float64():
     m = sa.create("fsla", 4, 2, group_size=2, overlap=1).double()
     x = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
     for fused in (True, False):
-        m.fused = fused
+        m.attn_impl = None if fused else "explicit"
         torch.autograd.gradcheck(m, (x,))
 
 
@@ -167,7 +167,7 @@ def test_fast_gather_backward_equals_the_plain_gather(size, monkeypatch):
     fast = grads()
     assert calls, "the fast gather was not used"
     monkeypatch.setattr(bilateral, "exporting_graph", lambda: True)  # forces the plain gather
-    m.save_probs = False  # and SDPA instead of the short-key products
+    m.attn_impl = "sdpa"  # and SDPA instead of the short-key products
     plain = grads()
     for a, b in zip(fast, plain, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

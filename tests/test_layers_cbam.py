@@ -64,7 +64,8 @@ def _randomise(module):
 @pytest.mark.parametrize("fused", [True, False])
 def test_cbam_matches_equations(fused):
     m = _randomise(sa.create("cbam", 32)).eval()
-    m.fused = m.channel_gate.fused = m.spatial_gate.fused = fused
+    m.attn_impl = m.channel_gate.attn_impl = m.spatial_gate.attn_impl = (
+        None if fused else "explicit")
     x = torch.randn(2, 32, 9, 7)
     cg, sg = m.channel_gate, m.spatial_gate
     fc1, fc2 = cg.mlp[0], cg.mlp[2]
@@ -247,7 +248,7 @@ def test_gradcheck_float64_training_mode(name):  # eval mode: tests/test_conform
     for fused in (True, False):
         for mod in m.modules():
             if hasattr(mod, "fused"):
-                mod.fused = fused
+                mod.attn_impl = None if fused else "explicit"
         torch.autograd.gradcheck(m, (x,))
 
 

@@ -152,7 +152,7 @@ def test_gradcheck_float64_with_strides(attention_type, kw):
     m = _build(attention_type, channels=4, heads=2, position_embedding_dim=4, **kw)
     x = torch.randn(1, 4, 3, 4, dtype=torch.float64, requires_grad=True)
     for fused in (True, False):
-        m.fused = fused
+        m.attn_impl = None if fused else "explicit"
         assert torch.autograd.gradcheck(m, (x,), fast_mode=True)
 
 
@@ -288,7 +288,7 @@ def test_spatial_map_of_the_recorded_weights():
 @pytest.mark.parametrize("attention_type", ["1111", "1100", "1001", "0011"])
 def test_memory_efficient_path_matches_the_reference(attention_type):
     for kw in (dict(kv_stride=2), dict(q_stride=2, kv_stride=1, spatial_range=1)):
-        m = _build(attention_type, memory_efficient=True, **kw)
+        m = _build(attention_type, attn_impl="sdpa", **kw)
         x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
         expected, _, _ = _reference(m, x)
         torch.testing.assert_close(m(x), expected)

@@ -77,7 +77,7 @@ def test_multi_head_cross_attention_dims():
 def test_multi_head_gradcheck_float64(fused):
     torch.manual_seed(0)
     m = sa.create("multi_head", 8, 2).double()
-    m.fused = fused
+    m.attn_impl = None if fused else "explicit"
     x = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
     lens = torch.tensor([4, 2])
     torch.autograd.gradcheck(lambda t: m(t, valid_lens=lens), (x,))
@@ -88,10 +88,10 @@ def test_dot_and_additive_gradcheck_float64(fused):
     q, k, v = (t.requires_grad_() for t in _qkv(B=1, Q=2, K=3, d=4, dv=2, dtype=torch.float64))
     lens = torch.tensor([2])
     dp = sa.create("scaled_dot_product")
-    dp.fused = fused
+    dp.attn_impl = None if fused else "explicit"
     torch.autograd.gradcheck(lambda a, b, c: dp(a, b, c, lens), (q, k, v))
     ad = sa.create("additive", 4, 4, 3).double()
-    ad.fused = fused
+    ad.attn_impl = None if fused else "explicit"
     torch.autograd.gradcheck(lambda a, b, c: ad(a, b, c, lens), (q, k, v))
 
 

@@ -72,7 +72,7 @@ def test_window_attention_equals_brute_force(H, W, M, s, fused):
     attn = WindowAttention(8, 2, window_size=M, shift_size=s).double()
     with torch.no_grad():
         attn.relative_position_bias_table.normal_()
-    attn.fused = fused
+    attn.attn_impl = None if fused else "explicit"
     x = torch.randn(2, H, W, 8, dtype=torch.float64)
     torch.testing.assert_close(attn(x), _brute_force(attn, x), atol=1e-10, rtol=1e-10)
 
@@ -109,7 +109,7 @@ def test_gradcheck_float64_shift_and_padding(H, W, M, s):
     attn = WindowAttention(4, 2, window_size=M, shift_size=s).double()
     x = torch.randn(1, H, W, 4, dtype=torch.float64, requires_grad=True)
     for fused in (True, False):
-        attn.fused = fused
+        attn.attn_impl = None if fused else "explicit"
         torch.autograd.gradcheck(attn, (x,))
 
 
@@ -117,7 +117,7 @@ def test_gradcheck_float64_shift_and_padding(H, W, M, s):
 def test_fused_equals_explicit_with_shift_padding_and_grads(save_probs):
     torch.manual_seed(0)
     attn = WindowAttention(16, 4, window_size=4, shift_size=2).double()
-    attn.save_probs = save_probs  # the CPU short-key path, with its hand-written backward
+    attn.attn_impl = "kept_probs" if save_probs else None  # the hand-written CPU kernel
     x = torch.randn(2, 9, 11, 16, dtype=torch.float64)
     grads = []
     for explicit in (False, True):
@@ -263,7 +263,7 @@ def test_flex_inference_path_equals_sdpa(H, W, M, s):
     x = torch.randn(2, H, W, 8)
     with torch.no_grad():
         expected = attn(x)
-        attn.flex = True
+        attn.attn_impl = "flex"
         torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
         assert attn._block_masks  # the flex path really ran
     attn.train()  # training (and CPU autograd) stays on the SDPA path

@@ -154,7 +154,7 @@ def test_gradcheck_with_masks_both_paths():
     memory = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
     lens = torch.tensor([4, 3])
     for fused in (True, False):
-        m.fused = fused
+        m.attn_impl = None if fused else "explicit"
         torch.autograd.gradcheck(lambda a, b: m(a, lens, b, return_memory=True), (x, memory))
 
 

@@ -77,11 +77,13 @@ def capture_attention(model: nn.Module) -> Iterator[AttentionMaps]:
 def explicit_path(model: nn.Module, explicit: bool = True) -> Iterator[nn.Module]:
     """Run every mechanism in ``model`` on its explicit (``explicit=True``) or fused path."""
     modules = attention_modules(model)
-    previous = [(m, m.fused) for _, m in modules]
+    previous = [(m, m.attn_impl) for _, m in modules]
     try:
         for _, m in modules:
-            m.fused = not explicit
+            own = m.attn_impl
+            m.attn_impl = "explicit" if explicit else (own if own not in (None, "explicit")
+                                                       else "auto")
         yield model
     finally:
-        for m, fused in previous:
-            m.fused = fused
+        for m, impl in previous:
+            m.attn_impl = impl

@@ -90,7 +90,15 @@ class MechanismInfo:
             lines.append(f"  cost:     {self.cost}")
         if self.captures:
             lines.append(f"  captures: {self.captures}")
+        auto = getattr(self.cls, "auto_impl", "auto")
+        lines.append(f"  attn_impl: {', '.join(self.attn_impls)}"
+                     + (f" (auto runs {auto})" if auto != "auto" else ""))
         return "\n".join(lines)
+
+    @property
+    def attn_impls(self) -> tuple[str, ...]:
+        """The implementations ``attn_impl=`` accepts for this mechanism."""
+        return tuple(getattr(self.cls, "attn_impls", ("auto", "explicit")))
 
 
 _REGISTRY: dict[str, MechanismInfo] = {}

@@ -1,12 +1,19 @@
 """Stateless attention math shared by every mechanism: one concept a file."""
 
+from .dispatch import (
+    ATTN_IMPLS,
+    attention,
+    get_attn_impl,
+    materialized_attention,
+    set_attn_impl,
+    use_attn_impl,
+)
 from .position import relative_position_bias, relative_position_index
 from .scoring import (
+    additive_mask,
     additive_scores,
-    attention,
     dot_product_scores,
     masked_softmax,
-    materialized_attention,
     scaled_dot_product_scores,
     sequence_mask,
     valid_lens_to_mask,
@@ -24,10 +31,13 @@ from .windows import (
 )
 
 __all__ = [
+    "ATTN_IMPLS",
+    "additive_mask",
     "additive_scores",
     "attention",
     "cyclic_shift",
     "dot_product_scores",
+    "get_attn_impl",
     "masked_softmax",
     "materialized_attention",
     "pad_to_multiple",
@@ -37,8 +47,10 @@ __all__ = [
     "relative_position_index",
     "scaled_dot_product_scores",
     "sequence_mask",
+    "set_attn_impl",
     "shifted_window_mask",
     "to_2tuple",
+    "use_attn_impl",
     "valid_lens_to_mask",
     "window_attention_mask",
     "window_partition",

@@ -3,7 +3,11 @@
 A mechanism subclasses :class:`AttentionModule` and
 
 * sets ``layout`` (``"map"``, ``"tokens"``, ``"sequence"`` or ``"clip"``),
-* reads ``self.use_fused`` to choose its fused or explicit path,
+* takes ``attn_impl`` in its constructor and lists what it offers in ``attn_impls``
+  (``"auto"`` and ``"explicit"`` always; ``"sdpa"``, ``"kept_probs"``, ``"flex"`` where
+  its attention runs through :func:`~spatial_attention.functional.attention`); its
+  forward reads ``self.impl`` (``"explicit"`` runs the paper's math plainly) and hands
+  it to the functional it calls,
 * calls ``self.record(weights)`` with what it attends with (attention matrix, spatial
   map, channel weights, cluster assignment). ``record`` is free when nothing captures,
   and capturing switches the module to its explicit path (see ``capture.py``),
@@ -20,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_dtype_matches, check_layout
+from ..functional.dispatch import ATTN_IMPLS, deprecated_switch, get_attn_impl
 
 Recorder = Callable[[nn.Module, Tensor], None]
 
@@ -29,22 +34,63 @@ class AttentionModule(nn.Module):
 
     layout: ClassVar[str] = "map"
     registered_names: ClassVar[tuple[str, ...]] = ()
+    #: the implementations this mechanism offers under ``attn_impl``
+    attn_impls: ClassVar[tuple[str, ...]] = ("auto", "explicit")
+    #: what ``"auto"`` means for this mechanism (``"auto"``: the dispatcher decides per call)
+    auto_impl: ClassVar[str] = "auto"
 
-    def __init__(self) -> None:
+    def __init__(self, attn_impl: str | None = None) -> None:
         super().__init__()
-        #: run the fused kernels (True) or the explicit paper math (False)
-        self.fused: bool = True
         self._recorder: Recorder | None = None
+        self.attn_impl = attn_impl
 
-    # -- fast / explicit ---------------------------------------------------------
+    # -- the kernel switch ---------------------------------------------------------
+    @property
+    def attn_impl(self) -> str | None:
+        """This module's choice; None follows the process default
+        (:func:`~spatial_attention.functional.set_attn_impl`, ``SA_ATTN_IMPL``)."""
+        return self.__dict__["_attn_impl"]
+
+    @attn_impl.setter
+    def attn_impl(self, impl: str | None) -> None:
+        if impl is not None and impl not in type(self).attn_impls:
+            known = "" if impl in ATTN_IMPLS else " (unknown)"
+            raise ValueError(f"{self.mechanism_name}: attn_impl {impl!r}{known} is not offered; "
+                             f"expected one of {', '.join(type(self).attn_impls)} or None")
+        self.__dict__["_attn_impl"] = impl
+
+    @property
+    def impl(self) -> str:
+        """The implementation the next call runs: ``"explicit"`` while capturing (the
+        weights are needed), else the module's or the process's choice, where offered."""
+        if self._recorder is not None:
+            return "explicit"
+        impl = self.__dict__["_attn_impl"] or get_attn_impl()
+        if impl not in type(self).attn_impls:
+            impl = "auto"  # a process default this mechanism does not offer
+        return type(self).auto_impl if impl == "auto" else impl
+
     @property
     def capturing(self) -> bool:
         return self._recorder is not None
 
     @property
     def use_fused(self) -> bool:
-        """Fused unless switched off or capturing (capture needs the weights)."""
-        return self.fused and self._recorder is None
+        """Any path but the explicit one."""
+        return self.impl != "explicit"
+
+    @property
+    def fused(self) -> bool:
+        """Deprecated: ``attn_impl="explicit"`` is ``fused=False``."""
+        return (self.__dict__["_attn_impl"] or get_attn_impl()) != "explicit"
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        deprecated_switch("the fused attribute", 'attn_impl ("auto" or "explicit")')
+        self.attn_impl = None if value else "explicit"
+
+    def extra_repr(self) -> str:
+        return f"attn_impl={self.__dict__['_attn_impl'] or get_attn_impl()}"
 
     def record(self, weights: Tensor) -> None:
         """Hand ``weights`` to an active :func:`capture_attention`; no-op otherwise."""

@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from ..checks import check_divisible, check_positive, check_probability
 from ..functional.clustering import balanced_binary_clustering, inverse_permutation
 from ..functional.permute import permute_rows
-from ..functional.scoring import attention
+from ..functional.dispatch import attention, deprecated_switch
 from ..registry import register
 from ..tracing import exporting_graph
 from .base import AttentionModule
@@ -198,6 +198,9 @@ class FeatureSpaceLocalAttention(AttentionModule):
     ``O(B N C log2(N / g))``: linear in ``N`` where global attention is quadratic.
     """
 
+    attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
+    auto_impl = "kept_probs"  # its 49 x 69 leaves: see benchmarks/kept_probs.md
+
     layout = "tokens"
 
     def __init__(
@@ -213,8 +216,9 @@ class FeatureSpaceLocalAttention(AttentionModule):
         pair_batch: bool = False,
         iters: int = 2,
         temperature: float = 100.0,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         name = "fsla"
         check_divisible(name, dim, num_heads)
         check_positive(name, group_size=group_size, temperature=temperature)
@@ -234,12 +238,20 @@ class FeatureSpaceLocalAttention(AttentionModule):
         self.get_v = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        #: CPU: keep the leaves' probabilities for backward (see the class docstring)
-        self.save_probs = True
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, group_size={self.group_size}, "
-                f"overlap={self.overlap}, scale={self.scale:.4g}")
+                f"overlap={self.overlap}, scale={self.scale:.4g}, " + super().extra_repr())
+
+    @property
+    def save_probs(self) -> bool:
+        """Deprecated: ``attn_impl="kept_probs"`` (this mechanism's ``"auto"``)."""
+        return self.impl == "kept_probs"
+
+    @save_probs.setter
+    def save_probs(self, value: bool) -> None:
+        deprecated_switch("FeatureSpaceLocalAttention.save_probs", 'attn_impl="kept_probs"')
+        self.attn_impl = None if value else "sdpa"
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, self.dim)
@@ -286,11 +298,10 @@ class FeatureSpaceLocalAttention(AttentionModule):
 
         p = self.attn_drop if self.training else 0.0
         if self.use_fused:
-            out = attention(qg, kg, vg, mask, scale=self.scale, dropout_p=p,
-                            save_probs=self.save_probs)
+            out = attention(qg, kg, vg, mask, scale=self.scale, dropout_p=p, impl=self.impl)
         else:
             out, weights = attention(qg, kg, vg, mask, scale=self.scale, dropout_p=p,
-                                     fused=False, return_weights=True)
+                                     impl="explicit", return_weights=True)
             self.record(weights.view(B, h, L, g, g + o)[:, :, :nG])
             self.record((inv // g).view(B, h, H, W))
 
@@ -387,6 +398,8 @@ class BilateralLocalAttention(AttentionModule):
     branches, linear in ``N = H·W``. Records whatever its two branches record.
     """
 
+    attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
+
     layout = "tokens"
 
     def __init__(
@@ -400,18 +413,21 @@ class BilateralLocalAttention(AttentionModule):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         check_divisible("bilateral_local_attention", dim, num_heads)
         self.dim = dim
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads, window_size=window_size,
                                     shift_size=shift_size, qkv_bias=qkv_bias,
-                                    attn_drop=attn_drop, proj_drop=proj_drop)
+                                    attn_drop=attn_drop, proj_drop=proj_drop,
+                                    attn_impl=attn_impl)
         self.norm4 = nn.LayerNorm(dim)
         self.attnC = FeatureSpaceLocalAttention(dim, num_heads, group_size=group_size,
                                                 overlap=overlap, qkv_bias=qkv_bias,
-                                                attn_drop=attn_drop, proj_drop=proj_drop)
+                                                attn_drop=attn_drop, proj_drop=proj_drop,
+                                                attn_impl=attn_impl)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, self.dim)

@@ -99,8 +99,9 @@ class SelectiveKernel(AttentionModule):
         reduction: int = 16,
         min_dim: int = 32,
         stride: int = 1,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         out_channels = channels if out_channels is None else out_channels
         check_positive("sk", channels=channels, out_channels=out_channels, groups=groups,
                        reduction=reduction, min_dim=min_dim, stride=stride)

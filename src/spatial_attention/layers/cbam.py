@@ -52,8 +52,8 @@ class ChannelGate(AttentionModule):
 
     layout = "map"
 
-    def __init__(self, channels: int, reduction: int = 16) -> None:
-        super().__init__()
+    def __init__(self, channels: int, reduction: int = 16, attn_impl: str | None = None) -> None:
+        super().__init__(attn_impl=attn_impl)
         check_positive("channel_gate", channels=channels, reduction=reduction)
         self.channels = channels
         hidden = max(1, channels // reduction)
@@ -102,8 +102,9 @@ class SpatialGate(AttentionModule):
 
     layout = "map"
 
-    def __init__(self, channels: int | None = None, kernel_size: int = 7) -> None:
-        super().__init__()
+    def __init__(self, channels: int | None = None, kernel_size: int = 7,
+                 attn_impl: str | None = None) -> None:
+        super().__init__(attn_impl=attn_impl)
         if channels is not None:
             check_positive("spatial_gate", channels=channels)
         check_positive("spatial_gate", kernel_size=kernel_size)
@@ -168,12 +169,13 @@ class CBAM(AttentionModule):
 
     layout = "map"
 
-    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7) -> None:
-        super().__init__()
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7,
+                 attn_impl: str | None = None) -> None:
+        super().__init__(attn_impl=attn_impl)
         check_positive("cbam", channels=channels, reduction=reduction, kernel_size=kernel_size)
         self.channels = channels
-        self.channel_gate = ChannelGate(channels, reduction)
-        self.spatial_gate = SpatialGate(channels, kernel_size)
+        self.channel_gate = ChannelGate(channels, reduction, attn_impl=attn_impl)
+        self.spatial_gate = SpatialGate(channels, kernel_size, attn_impl=attn_impl)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, self.channels)

@@ -45,8 +45,8 @@ class SqueezeExcite(AttentionModule):
 
     layout = "map"
 
-    def __init__(self, channels: int, reduction: int = 16) -> None:
-        super().__init__()
+    def __init__(self, channels: int, reduction: int = 16, attn_impl: str | None = None) -> None:
+        super().__init__(attn_impl=attn_impl)
         check_positive("se", channels=channels, reduction=reduction)
         self.channels = channels
         hidden = max(1, channels // reduction)
@@ -88,8 +88,9 @@ class EfficientChannelAttention(AttentionModule):
 
     layout = "map"
 
-    def __init__(self, channels: int, kernel_size: int | None = None, gamma: int = 2, b: int = 1):
-        super().__init__()
+    def __init__(self, channels: int, kernel_size: int | None = None, gamma: int = 2, b: int = 1,
+                 attn_impl: str | None = None):
+        super().__init__(attn_impl=attn_impl)
         check_positive("eca", channels=channels, gamma=gamma)
         k = eca_kernel_size(channels, gamma, b) if kernel_size is None else kernel_size
         check_positive("eca", kernel_size=k)

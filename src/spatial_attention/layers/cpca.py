@@ -148,9 +148,10 @@ class ChannelPriorConvAttention(DepthwisePyramid):
     layout = "map"
 
     def __init__(
-        self, channels: int, reduction: int = 4, kernel_sizes: Sequence[int] = (7, 11, 21)
+        self, channels: int, reduction: int = 4, kernel_sizes: Sequence[int] = (7, 11, 21),
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         check_positive("cpca", channels=channels, reduction=reduction)
         self.channels, self.reduction = channels, reduction
         self.ca = _ChannelPrior(channels, max(1, channels // reduction))

@@ -107,9 +107,10 @@ class ChannelPriorMultiScaleAttention(DepthwisePyramid):
     layout = "map"
 
     def __init__(
-        self, channels: int, reduction: int = 16, kernel_sizes: Sequence[int] = (7, 11, 21)
+        self, channels: int, reduction: int = 16, kernel_sizes: Sequence[int] = (7, 11, 21),
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         check_positive("cpms", channels=channels, reduction=reduction)
         self.channels, self.reduction = channels, reduction
         self.ca = _MultiScaleChannelGate(channels, max(1, channels // reduction))

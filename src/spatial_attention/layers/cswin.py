@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_divisible, check_positive, check_probability
-from ..functional.scoring import attention
+from ..functional.dispatch import attention
 from ..functional.windows import pad_to_multiple, padding_mask, window_partition, window_reverse
 from ..registry import register
 from .base import AttentionModule
@@ -75,6 +75,8 @@ class CSWinAttention(AttentionModule):
     keys) ``+ 18 B N C`` (LePE).
     """
 
+    attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
+
     layout = "tokens"
 
     def __init__(
@@ -87,8 +89,9 @@ class CSWinAttention(AttentionModule):
         scale: float | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         name = "cswin_attention"
         check_divisible(name, dim, num_heads)
         check_positive(name, split_size=split_size)
@@ -111,7 +114,7 @@ class CSWinAttention(AttentionModule):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, split_size={self.split_size}, "
-                f"last_stage={self.last_stage}")
+                f"last_stage={self.last_stage}, " + super().extra_repr())
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, self.dim)
@@ -155,10 +158,10 @@ class CSWinAttention(AttentionModule):
             mask = keys.repeat(B, 1)[:, None, None, :]  # (B*nW, 1, 1, S)
         p = self.attn_drop if self.training else 0.0
         if self.use_fused:
-            out = attention(q, k, v, mask, scale=self.scale, dropout_p=p)
+            out = attention(q, k, v, mask, scale=self.scale, dropout_p=p, impl=self.impl)
         else:
             out, weights = attention(q, k, v, mask, scale=self.scale, dropout_p=p,
-                                     fused=False, return_weights=True)
+                                     impl="explicit", return_weights=True)
             self.record(weights.view(B, -1, heads, S, S))
         out = (out + pos).transpose(1, 2).reshape(-1, S, c)
         return window_reverse(out, stripe, Hp, Wp)[:, :H, :W]

@@ -96,8 +96,9 @@ class DeformableConv2d(AttentionModule):
         deform_groups: int = 1,
         bias: bool = True,
         modulated: bool = False,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         name = "modulated_deformable_conv" if modulated else "deformable_conv"
         out_channels = channels if out_channels is None else out_channels
         kh, kw = _pair(kernel_size)
@@ -148,7 +149,7 @@ class DeformableConv2d(AttentionModule):
         return (f"{self.channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}, deform_groups={self.deform_groups}, "
-                f"modulated={self.modulated}")
+                f"modulated={self.modulated}, " + super().extra_repr())
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, self.channels)
@@ -250,8 +251,9 @@ class DynamicConv2d(AttentionModule):
         bias: bool = False,
         conv_bias: bool = False,
         weight_dropout: float = 0.0,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         _check_int("dynamic_conv", channels=channels, kernel_size=kernel_size,
                    num_heads=num_heads, dilation=dilation)
         check_divisible("dynamic_conv", channels, num_heads)

@@ -42,8 +42,8 @@ class GAMChannelAttention(AttentionModule):
 
     layout = "map"
 
-    def __init__(self, channels: int, rate: int = 4) -> None:
-        super().__init__()
+    def __init__(self, channels: int, rate: int = 4, attn_impl: str | None = None) -> None:
+        super().__init__(attn_impl=attn_impl)
         check_positive("gam", channels=channels, rate=rate)
         self.channels = channels
         hidden = max(1, channels // rate)
@@ -84,8 +84,9 @@ class GAMSpatialAttention(AttentionModule):
 
     layout = "map"
 
-    def __init__(self, channels: int, rate: int = 4, groups: int = 1, kernel_size: int = 7):
-        super().__init__()
+    def __init__(self, channels: int, rate: int = 4, groups: int = 1, kernel_size: int = 7,
+                 attn_impl: str | None = None):
+        super().__init__(attn_impl=attn_impl)
         check_positive("gam", channels=channels, rate=rate, groups=groups,
                        kernel_size=kernel_size)
         hidden = max(1, channels // rate)
@@ -166,12 +167,14 @@ class GAM(AttentionModule):
 
     layout = "map"
 
-    def __init__(self, channels: int, rate: int = 4, groups: int = 1, kernel_size: int = 7):
-        super().__init__()
+    def __init__(self, channels: int, rate: int = 4, groups: int = 1, kernel_size: int = 7,
+                 attn_impl: str | None = None):
+        super().__init__(attn_impl=attn_impl)
         check_positive("gam", channels=channels, rate=rate, groups=groups)
         self.channels = channels
-        self.channel_attention = GAMChannelAttention(channels, rate)
-        self.spatial_attention = GAMSpatialAttention(channels, rate, groups, kernel_size)
+        self.channel_attention = GAMChannelAttention(channels, rate, attn_impl=attn_impl)
+        self.spatial_attention = GAMSpatialAttention(channels, rate, groups, kernel_size,
+                                                     attn_impl=attn_impl)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, self.channels)

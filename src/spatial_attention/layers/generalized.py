@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_positive
-from ..functional.scoring import masked_softmax, materialized_attention
+from ..functional.dispatch import deprecated_switch, materialized_attention
+from ..functional.scoring import masked_softmax
 from ..registry import register
 from .base import AttentionModule
 
@@ -181,7 +182,7 @@ class GeneralizedAttention(AttentionModule):
     (:func:`~spatial_attention.functional.scoring.materialized_attention`). E3 without
     E1 is folded into the key projection (``appr_bias^T W_k`` gives one number per key
     and head). E3 alone (global) keeps mmcv's one-row shortcut; E4 alone shares one
-    set of weights across the batch. ``memory_efficient=True`` sends the augmented
+    set of weights across the batch. ``attn_impl="sdpa"`` sends the augmented
     vectors through fused SDPA as well (zero-padded to one head width, which the CPU
     flash kernel needs), so no ``Nq x Nk`` tensor is formed: about two thirds of the
     default path's peak memory for ``'1111'`` at (2, 256, 32, 32) (30 against 45 MiB),
@@ -195,6 +196,9 @@ class GeneralizedAttention(AttentionModule):
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``, any ``H, W``. Cost: see the registry.
     """
 
+    attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
+    auto_impl = "kept_probs"  # the scores exist anyway (position terms)
+
     def __init__(
         self,
         in_channels: int,
@@ -205,10 +209,14 @@ class GeneralizedAttention(AttentionModule):
         kv_stride: int = 2,
         q_stride: int = 1,
         attention_type: str = "1111",
-        memory_efficient: bool = False,
+        memory_efficient: bool | None = None,
         mmcv_compat: bool = False,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        if memory_efficient is not None:
+            deprecated_switch("generalized_attention(memory_efficient=...)", 'attn_impl="sdpa"')
+            attn_impl = "sdpa" if memory_efficient else attn_impl
+        super().__init__(attn_impl=attn_impl)
         e1, e2, e3, e4 = parse_attention_type(attention_type)
         check_positive(_NAME, in_channels=in_channels, num_heads=num_heads,
                        kv_stride=kv_stride, q_stride=q_stride,
@@ -239,7 +247,6 @@ class GeneralizedAttention(AttentionModule):
         self.position_embedding_dim, self.position_magnitude = pos_dim, position_magnitude
         self.attention_type = attention_type
         self.terms = (e1, e2, e3, e4)
-        self.memory_efficient = bool(memory_efficient)
         self.mmcv_compat = bool(mmcv_compat)
         # only mmcv's E2-without-E4 branch differs from the paper's formula
         self._transposed_e2y = self.mmcv_compat and e2 and not e4
@@ -274,7 +281,13 @@ class GeneralizedAttention(AttentionModule):
         return (f"in_channels={self.in_channels}, num_heads={self.num_heads}, "
                 f"attention_type='{self.attention_type}', kv_stride={self.kv_stride}, "
                 f"q_stride={self.q_stride}, spatial_range={self.spatial_range}"
-                + (", mmcv_compat=True" if self.mmcv_compat else ""))
+                + (", mmcv_compat=True" if self.mmcv_compat else "") + ", "
+                + super().extra_repr())
+
+    @property
+    def memory_efficient(self) -> bool:
+        """Deprecated: ``attn_impl="sdpa"``."""
+        return self.impl == "sdpa"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         # mmcv stores its local-range table as a frozen parameter; the mask is recomputed
@@ -369,7 +382,7 @@ class GeneralizedAttention(AttentionModule):
                 # E3 alone: one energy row serves every query (mmcv's shortcut as well)
                 weights = torch.softmax(e3_row, dim=-1)  # (B, z, 1, nk)
                 return (vT @ weights.transpose(-2, -1)).reshape(B, -1, 1, 1)
-        if (e2 or e4) and not e1 and not self.memory_efficient:
+        if (e2 or e4) and not e1 and self.impl != "sdpa":
             return self._position_only(qT, vT, e3_row, keep, (B, hq, wq, hk, wk))
         # Every term as one dot product of an augmented query and key (see the class doc):
         # [q (+ appr_bias) | 1 | energy_x | energy_y] . [k | e3 | onehot(kx) | onehot(ky)]
@@ -399,7 +412,7 @@ class GeneralizedAttention(AttentionModule):
             return self._batch_shared(weights, vT, (B, hq, wq))
         v = vT.transpose(-2, -1)
         dq, dv = q_aug.shape[-1], v.shape[-1]
-        if dq == dv or self.memory_efficient:
+        if dq == dv or self.impl == "sdpa":
             # fused SDPA (scale 1); the CPU flash kernel needs one head width for q, k and
             # v (else SDPA takes its math kernel), so zero columns even them out
             if dq < dv:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..checks import check_divisible, check_positive, check_probability
-from ..functional.scoring import attention
+from ..functional.dispatch import attention
 from ..registry import register
 from .base import AttentionModule
 
@@ -25,16 +25,18 @@ __all__ = ["GlobalAttention", "GlobalSubsampledAttention"]
 class _TokenAttention(AttentionModule):
     """Shared tail of the global mechanisms: heads in, projection out."""
 
+    attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
+
     layout = "tokens"
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """``(B, heads, Nq, d)`` x ``(B, heads, Nk, d)`` -> ``(B, Nq, C)``."""
         p = self.attn_drop if self.training else 0.0
         if self.use_fused:
-            out = attention(q, k, v, scale=self.scale, dropout_p=p)
+            out = attention(q, k, v, scale=self.scale, dropout_p=p, impl=self.impl)
         else:
             out, weights = attention(
-                q, k, v, scale=self.scale, dropout_p=p, fused=False, return_weights=True
+                q, k, v, scale=self.scale, dropout_p=p, impl="explicit", return_weights=True
             )
             self.record(weights)  # (B, heads, Nq, Nk)
         B, _, Nq, _ = q.shape
@@ -67,8 +69,9 @@ class GlobalAttention(_TokenAttention):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         check_divisible("global_attention", dim, num_heads)
         check_probability("global_attention", attn_drop=attn_drop, proj_drop=proj_drop)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
@@ -122,8 +125,9 @@ class GlobalSubsampledAttention(_TokenAttention):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         check_divisible("twins_gsa", dim, num_heads)
         check_positive("twins_gsa", sr_ratio=sr_ratio)
         check_probability("twins_gsa", attn_drop=attn_drop, proj_drop=proj_drop)
@@ -143,7 +147,8 @@ class GlobalSubsampledAttention(_TokenAttention):
             self.norm = None
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}"
+        return (f"dim={self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, "
+                + super().extra_repr())
 
     @classmethod
     def example(cls, name, batch, channels, size, **kwargs):

@@ -55,7 +55,8 @@ from ..checks import (
 )
 from ..functional.permute import permute_rows
 from ..functional.position import relative_position_index
-from ..functional.scoring import additive_mask, attention
+from ..functional.dispatch import attention
+from ..functional.scoring import additive_mask
 from ..functional.windows import WindowLayout, effective_shift, to_2tuple, window_layout
 from ..registry import register
 from .base import AttentionModule
@@ -179,6 +180,8 @@ class MultiViewWindowAttention(AttentionModule):
     it and mask the padding (the same at the reference's 384 input).
     """
 
+    attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
+
     layout = "tokens"
 
     def __init__(
@@ -195,8 +198,9 @@ class MultiViewWindowAttention(AttentionModule):
         proj_drop: float = 0.0,
         pretrained_window_size: int | tuple[int, int] = 0,
         cpb_hidden: int = 512,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         # the registry binds mode="concat" to its own name: errors name that one
         name = "multi_view_concat_attention" if mode == "concat" else "multi_view_window_attention"
         check_divisible(name, dim, num_heads)
@@ -274,7 +278,7 @@ class MultiViewWindowAttention(AttentionModule):
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
             f"shift={self.shift}, num_views={self.num_views}, mode={self.mode!r}, "
-            f"share_weights={self.share_weights}"
+            f"share_weights={self.share_weights}, " + super().extra_repr()
         )
 
     # -- input --------------------------------------------------------------------------
@@ -388,9 +392,9 @@ class MultiViewWindowAttention(AttentionModule):
                 else:
                     flat = mask[0].expand(V, nW, *mask.shape[3:]).reshape(V * nW, *mask.shape[3:])
                 out = window_sdpa(q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2),
-                                   flat, 1.0, p).view(B, V, nW, h, N, d)
+                                   flat, 1.0, p, self.impl).view(B, V, nW, h, N, d)
             else:
-                out, weights = attention(q, k, v, mask, scale=1.0, dropout_p=p, fused=False,
+                out, weights = attention(q, k, v, mask, scale=1.0, dropout_p=p, impl="explicit",
                                          return_weights=True)
                 K = weights.shape[-1] // N  # views whose keys were attended
                 self.record(weights.view(B, V, nW, h, N, K, N).permute(0, 1, 2, 5, 3, 4, 6))

@@ -67,9 +67,10 @@ class PositionEncodingGenerator(AttentionModule):
 
     layout = "tokens"
 
-    def __init__(self, dim: int, num_heads: int | None = None) -> None:
+    def __init__(self, dim: int, num_heads: int | None = None,
+                 attn_impl: str | None = None) -> None:
         # num_heads is accepted (and ignored) so the token-mixer factories can build it
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         check_positive("peg", dim=dim)
         self.dim = dim
         self.proj = nn.Sequential(nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, bias=True))

@@ -21,7 +21,8 @@ from ..checks import (
     check_rank,
     check_valid_lens,
 )
-from ..functional.scoring import additive_scores, attention, masked_softmax, valid_lens_to_mask
+from ..functional.dispatch import attention
+from ..functional.scoring import additive_scores, masked_softmax, valid_lens_to_mask
 from ..registry import register
 from .base import AttentionModule
 
@@ -72,10 +73,13 @@ class DotProductAttention(AttentionModule):
     Cost: ``2 B Q K (d + dv)`` FLOPs. Records the ``(B, Q, K)`` weights.
     """
 
+    attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
+
     layout = "sequence"
 
-    def __init__(self, scaled: bool = True, dropout: float = 0.0) -> None:
-        super().__init__()
+    def __init__(self, scaled: bool = True, dropout: float = 0.0,
+                 attn_impl: str | None = None) -> None:
+        super().__init__(attn_impl=attn_impl)
         check_probability("dot_product", dropout=dropout)
         self.scaled = scaled
         self.dropout = dropout
@@ -96,7 +100,8 @@ class DotProductAttention(AttentionModule):
         scale = None if self.scaled else 1.0
         p = self.dropout if self.training else 0.0
         if self.use_fused:
-            return attention(queries, keys, values, mask, scale=scale, dropout_p=p)
+            return attention(queries, keys, values, mask, scale=scale, dropout_p=p,
+                             impl=self.impl)
         out, weights = attention(
             queries,
             keys,
@@ -104,7 +109,7 @@ class DotProductAttention(AttentionModule):
             mask,
             scale=scale,
             dropout_p=p,
-            fused=False,
+            impl="explicit",
             return_weights=True,
         )
         self.record(weights)
@@ -144,8 +149,9 @@ class AdditiveAttention(AttentionModule):
 
     layout = "sequence"
 
-    def __init__(self, query_dim: int, key_dim: int, hidden_dim: int, dropout: float = 0.0):
-        super().__init__()
+    def __init__(self, query_dim: int, key_dim: int, hidden_dim: int, dropout: float = 0.0,
+                 attn_impl: str | None = None):
+        super().__init__(attn_impl=attn_impl)
         check_positive("additive", query_dim=query_dim, key_dim=key_dim, hidden_dim=hidden_dim)
         check_probability("additive", dropout=dropout)
         self.W_q = nn.Linear(query_dim, hidden_dim, bias=False)
@@ -210,6 +216,8 @@ class MultiHeadAttention(AttentionModule):
     ``(B, heads, Q, K)`` weights.
     """
 
+    attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
+
     layout = "sequence"
 
     def __init__(
@@ -220,8 +228,9 @@ class MultiHeadAttention(AttentionModule):
         dropout: float = 0.0,
         kdim: int | None = None,
         vdim: int | None = None,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         check_divisible("multi_head", dim, num_heads)
         check_probability("multi_head", dropout=dropout)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
@@ -268,9 +277,9 @@ class MultiHeadAttention(AttentionModule):
             mask = valid_lens_to_mask(valid_lens, query.shape[1], key.shape[1], 4)
         p = self.dropout if self.training else 0.0
         if self.use_fused:
-            out = attention(q, k, v, mask, dropout_p=p)
+            out = attention(q, k, v, mask, dropout_p=p, impl=self.impl)
         else:
-            out, weights = attention(q, k, v, mask, dropout_p=p, fused=False, return_weights=True)
+            out, weights = attention(q, k, v, mask, dropout_p=p, impl="explicit", return_weights=True)
             self.record(weights)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 

@@ -257,8 +257,9 @@ class SubspaceAttention(AttentionModule):
     layout = "map"
 
     def __init__(self, channels: int, num_bases: int = 16, guide_channels: int = 0,
-                 ridge: float = 1e-6, relu_slope: float = 0.2) -> None:
-        super().__init__()
+                 ridge: float = 1e-6, relu_slope: float = 0.2,
+                              attn_impl: str | None = None) -> None:
+        super().__init__(attn_impl=attn_impl)
         check_positive("ssa", channels=channels, num_bases=num_bases)
         if guide_channels < 0:
             raise ValueError(f"ssa: guide_channels must be >= 0, got {guide_channels!r}")
@@ -291,7 +292,7 @@ class SubspaceAttention(AttentionModule):
         bases = self.subnet(feats)  # (B, K, H, W)
         if self.capturing:
             self.record(l1_normalise_bases(bases.float()).view_as(bases))
-        # self.fused, not use_fused: the record above exists on both paths
+        # the module's choice, not self.impl: the record above exists on both paths
         return subspace_project(x, bases, self.ridge, fused=self.fused)
 
     @classmethod

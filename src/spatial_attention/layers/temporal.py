@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_dtype_matches, check_floating, check_divisible, check_positive, check_probability
-from ..functional.scoring import attention
+from ..functional.dispatch import attention
 from ..registry import register
 from .base import AttentionModule
 
@@ -117,10 +117,13 @@ class TemporalSelfAttention(ClipAttention):
     attention each position sends to *other* frames.
     """
 
+    attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
+
     def __init__(
-        self, channels: int, num_heads: int = 8, qkv_bias: bool = True, dropout: float = 0.0
+        self, channels: int, num_heads: int = 8, qkv_bias: bool = True, dropout: float = 0.0,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         check_divisible("temporal", channels, num_heads)
         check_probability("temporal", dropout=dropout)
         self.channels, self.num_heads, self.head_dim = channels, num_heads, channels // num_heads
@@ -137,9 +140,9 @@ class TemporalSelfAttention(ClipAttention):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*H*W, heads, T, D_h)
         p = self.dropout if self.training else 0.0
         if self.use_fused:
-            out = attention(q, k, v, dropout_p=p)
+            out = attention(q, k, v, dropout_p=p, impl=self.impl)
         else:
-            out, weights = attention(q, k, v, dropout_p=p, fused=False, return_weights=True)
+            out, weights = attention(q, k, v, dropout_p=p, impl="explicit", return_weights=True)
             self.record(weights.reshape(B, H, W, self.num_heads, T, T).permute(0, 3, 1, 2, 4, 5))
         out = self.proj(out.transpose(1, 2).reshape(B * H * W, T, C))  # (B*H*W, T, C)
         return out.reshape(B, H, W, T, C).permute(0, 3, 4, 1, 2)
@@ -214,8 +217,9 @@ class TemporalAdaptiveModule(ClipAttention):
         kernel_size: int = 3,
         alpha: int = 2,
         beta: int = 4,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         check_positive("temporal_channel", channels=channels, num_frames=num_frames,
                        kernel_size=kernel_size, alpha=alpha, beta=beta)
         if kernel_size % 2 == 0:

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from ..checks import check_divisible, check_positive, check_probability
 from ..functional.permute import permute_rows
 from ..functional.position import relative_position_bias, relative_position_index
-from ..functional.scoring import additive_mask, attention
+from ..functional.dispatch import attention, deprecated_switch
+from ..functional.scoring import additive_mask
 from ..functional.windows import (
     WindowLayout,
     effective_shift,
@@ -122,6 +123,8 @@ class WindowAttention(AttentionModule):
     the number of tokens ``N = H·W``.
     """
 
+    attn_impls = ("auto", "explicit", "sdpa", "kept_probs", "flex")
+
     layout = "tokens"
 
     def __init__(
@@ -134,8 +137,9 @@ class WindowAttention(AttentionModule):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         position_bias: bool = True,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         name = "window_attention"
         check_divisible(name, dim, num_heads)
         self.window_size = to_2tuple(window_size)
@@ -167,18 +171,34 @@ class WindowAttention(AttentionModule):
         else:
             self.relative_position_bias_table = None
         self._layouts: dict[tuple[Any, ...], WindowLayout] = {}
-        #: opt-in FlexAttention inference path (see :func:`_window_flex`)
-        self.flex = False
-        #: opt-in CPU trade of memory for backward time (see the class docstring)
-        self.save_probs = False
         self._block_masks: dict[tuple[Any, ...], Any] = {}
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
             f"shift_size={self.shift_size}, "
-            f"position_bias={self.relative_position_bias_table is not None}"
+            f"position_bias={self.relative_position_bias_table is not None}, "
+            + super().extra_repr()
         )
+
+    # the switches attn_impl replaced, kept for one release
+    @property
+    def flex(self) -> bool:
+        return self.impl == "flex"
+
+    @flex.setter
+    def flex(self, value: bool) -> None:
+        deprecated_switch("WindowAttention.flex", 'attn_impl="flex"')
+        self.attn_impl = "flex" if value else None
+
+    @property
+    def save_probs(self) -> bool:
+        return self.impl == "kept_probs"
+
+    @save_probs.setter
+    def save_probs(self, value: bool) -> None:
+        deprecated_switch("WindowAttention.save_probs", 'attn_impl="kept_probs"')
+        self.attn_impl = "kept_probs" if value else None
 
     def _bias_and_mask(self, keep: Tensor | None, dtype: torch.dtype) -> Tensor | None:
         """``(nW | 1, heads, N, N)`` float mask: position bias + shift/padding mask."""
@@ -215,15 +235,17 @@ class WindowAttention(AttentionModule):
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, d)
         mask = self._bias_and_mask(keep, q.dtype)
         p = self.attn_drop if self.training else 0.0
-        if self.use_fused and self.flex and not self.training and (
+        impl = self.impl
+        if impl == "flex" and not self.training and (
             x.is_cuda or not torch.is_grad_enabled()  # no FlexAttention backward on CPU
         ):
             out = self._flex(q, k, v, keep, (H, W, shift))
-        elif self.use_fused:
-            out = window_sdpa(q, k, v, mask, self.scale, p, self.save_probs)
+        elif impl != "explicit":
+            out = window_sdpa(q, k, v, mask, self.scale, p, "auto" if impl == "flex" else impl)
         else:
             out, weights = attention(
-                q, k, v, mask, scale=self.scale, dropout_p=p, fused=False, return_weights=True
+                q, k, v, mask, scale=self.scale, dropout_p=p, impl="explicit",
+                return_weights=True,
             )
             self.record(weights)  # (B, nW, heads, N, N)
         out = out.transpose(2, 3).reshape(B * nW, N, C)
@@ -326,7 +348,7 @@ def _flex_attention(device: torch.device):
 
 def window_sdpa(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, dropout_p: float,
-    save_probs: bool = False, flat_mask: bool | None = None,
+    impl: str = "auto", flat_mask: bool | None = None,
 ) -> Tensor:
     """One attention call over all windows of ``(B, nW, heads, N, d)`` queries and
     ``(B, nW, heads, K, d)`` keys and values (``K = N``, or ``V * N`` for the multi-view
@@ -337,15 +359,14 @@ def window_sdpa(
     ``(nW, heads, N, K)`` broadcasts over the batch axis of the 5-D form on CPU (no
     copy per image); CUDA's fused kernels want 4-D, so there it is expanded to
     ``(B * nW, heads, N, K)``. ``flat_mask`` forces that choice (``None``: 4-D on CUDA),
-    so the CUDA form can be checked anywhere. ``save_probs``: see
-    :func:`~spatial_attention.functional.scoring.attention` (CPU: faster backward for
-    more memory).
+    so the CUDA form can be checked anywhere. ``impl``: see
+    :func:`~spatial_attention.functional.attention`.
     """
     B, nW, h, N, d = q.shape
     if mask is None or mask.shape[0] == 1:
         out = attention(
             q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask,
-            scale=scale, dropout_p=dropout_p, save_probs=save_probs,
+            scale=scale, dropout_p=dropout_p, impl=impl,
         )
         return out.view(B, nW, h, N, d)
     if flat_mask is None:
@@ -355,7 +376,7 @@ def window_sdpa(
         full = mask.expand(B, nW, h, N, K).reshape(B * nW, h, N, K)
         out = attention(
             q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), full,
-            scale=scale, dropout_p=dropout_p, save_probs=save_probs,
+            scale=scale, dropout_p=dropout_p, impl=impl,
         )
         return out.view(B, nW, h, N, d)
-    return attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, save_probs=save_probs)
+    return attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, impl=impl)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_divisible, check_positive, check_valid_lens
-from ..functional.scoring import attention, masked_softmax, sequence_mask
+from ..functional.dispatch import attention
+from ..functional.scoring import masked_softmax, sequence_mask
 from ..registry import register
 from .base import AttentionModule
 
@@ -93,6 +94,8 @@ class SharedWorkspace(AttentionModule):
     :func:`split_workspace_records`). Cost: see the registry entry (linear in ``N``).
     """
 
+    attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
+
     layout = "sequence"
 
     def __init__(
@@ -105,8 +108,9 @@ class SharedWorkspace(AttentionModule):
         mlp_layers: int = 4,
         gate: str | None = "unit",
         scale: float | None = None,
+        attn_impl: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(attn_impl=attn_impl)
         name = "shared_workspace"
         check_divisible(name, dim, num_heads)
         check_positive(
@@ -246,9 +250,9 @@ class SharedWorkspace(AttentionModule):
         k = self._heads(self.key_proj(updated), self.key_dim)  # (B, h, S, dk)
         v = self._heads(self.value_proj(updated), self.head_dim)  # (B, h, S, dv)
         if self.use_fused:
-            out = attention(q, k, v, scale=self.scale)
+            out = attention(q, k, v, scale=self.scale, impl=self.impl)
         else:
-            out, weights = attention(q, k, v, scale=self.scale, fused=False, return_weights=True)
+            out, weights = attention(q, k, v, scale=self.scale, impl="explicit", return_weights=True)
             self.record(weights)
         out = out.transpose(1, 2).reshape(B, N, C)
         return (out, updated) if return_memory else out

@@ -1,0 +1,10 @@
+"""Hand-written kernels: custom autograd and CPU-tuned paths, each behind a contract.
+
+Every kernel here states what it computes, names its plain reference twin, and is held
+equal to it by the tests. Layers never call a kernel for the paper math directly: they
+go through :func:`spatial_attention.functional.attention` (or the functional they
+belong to), whose ``impl`` switch picks the kernel.
+
+* :mod:`.kept_probs`: attention over many short blocks, probabilities kept for backward.
+* :mod:`.lean_bias`: attention with a learned float bias on the CPU, in four kernels.
+"""
