@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,9 +60,37 @@ def model_info(name: str) -> ModelInfo:
         raise unknown_name_error("model", str(name), sorted(_MODELS)) from None
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build registered model ``name``; unknown names list the closest ones."""
-    return model_info(name).builder(**kwargs)
+def create_model(
+    name: str,
+    *,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    feature_norm: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build registered model ``name``; unknown names list the closest ones.
+
+    ``features_only=True`` returns a :class:`~.features.FeatureNet`, as timm does: its
+    forward gives the list of feature maps ``(B, C, H, W)`` at ``out_indices`` (None: every
+    level; an int n: the last n; negatives from the end) and its ``feature_info`` says
+    their channels and strides; ``feature_norm`` applies the model's final norm where
+    timm's ``forward_intermediates(norm=True)`` would. Everything else goes to the model,
+    ``device=`` and ``dtype=`` included.
+    """
+    entry = model_info(name)
+    if not features_only and (out_indices is not None or feature_norm):
+        raise ValueError(f"{entry.name}: out_indices and feature_norm need features_only=True")
+    model = entry.builder(**kwargs)
+    if not features_only:
+        return model
+    if not hasattr(model, "forward_intermediates"):
+        raise ValueError(
+            f"{entry.name}: features_only needs a backbone with feature levels "
+            f"(forward_intermediates); {type(model).__name__} has none"
+        )
+    from .features import FeatureNet
+
+    return FeatureNet(model, out_indices, norm=feature_norm)
 
 
 def list_models() -> list[str]:

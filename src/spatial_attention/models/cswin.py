@@ -40,6 +40,11 @@ CSWin reference that its checkpoints were trained with: FSLA's attention scale o
 (``qk_scale=qkv_bias`` there, i.e. True) instead of ``head_dim ** -0.5``, and, in the
 last stage (one 7x7 group per image), FSLA pairing images ``2i`` and ``2i+1`` of the
 batch as sibling groups (even batches only). Both are off by default.
+
+timm's backbone interface (see :mod:`.features`; timm has no CSWin, so its Swin's
+convention): ``feature_info`` (the outputs of ``stage1..4``, before the merge that follows,
+at strides 4-32), ``forward_intermediates``, ``set_grad_checkpointing`` (per block),
+``device=`` / ``dtype=``.
 """
 
 from __future__ import annotations
@@ -55,6 +60,17 @@ from ..layers.cswin import CSWinAttention
 from . import register_model
 from .common import DropPath, Mlp, drop_path_rates, init_transformer_weights
 from .common import load_pretrained as _load
+from .features import (
+    GradCheckpointing,
+    Indices,
+    check_output_fmt,
+    checkpointing_now,
+    factory_kwargs,
+    feature_info,
+    feature_take_indices,
+    run_blocks,
+    to_fmt,
+)
 
 __all__ = ["CSWinBlock", "MergeBlock", "CSWinTransformer", "load_pretrained"]
 
@@ -128,7 +144,7 @@ class _ToTokens(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
-class CSWinTransformer(nn.Module):
+class CSWinTransformer(GradCheckpointing, nn.Module):
     """CSWin / BOAT-CSWin on ``(B, 3, H, W)`` images, any ``H, W``.
 
     Args:
@@ -138,8 +154,10 @@ class CSWinTransformer(nn.Module):
         reference_quirks: reproduce the BOAT-CSWin reference's FSLA scale of 1.0 and its
             last-stage batch pairing (see the module docstring).
         img_size: nominal input size (documentation and FLOP counts only).
+        device, dtype: where and in what precision to build.
     """
 
+    @factory_kwargs
     def __init__(
         self,
         img_size: int = 224,
@@ -189,18 +207,72 @@ class CSWinTransformer(nn.Module):
         self.num_features = dims[-1]
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.feature_info = feature_info(dims, (4, 8, 16, 32), [f"stage{i}" for i in range(1, 5)])
         self.apply(init_transformer_weights)
+
+    @property
+    def num_stages(self) -> int:
+        """Stages present (4 unless pruned by :meth:`prune_intermediate_layers`)."""
+        return sum(hasattr(self, f"stage{i}") for i in range(1, 5))
+
+    def _stage(self, i: int, x: Tensor) -> Tensor:
+        # stage i (0-based): the stem or the merge before it, then its blocks, on (B, H, W, C)
+        x = self.stage1_conv_embed(x) if i == 0 else getattr(self, f"merge{i}")(x)
+        return run_blocks(getattr(self, f"stage{i + 1}"), x, checkpointing_now(self))
+
+    def _check(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"cswin: expected images (B, C, H, W), got shape {tuple(x.shape)}")
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Indices = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Stage outputs ``(B, C_i, H / r_i, W / r_i)`` for the levels in ``indices``, with
+        timm's Swin semantics: ``norm`` normalises the last stage only, ``stop_early``
+        skips the stages after the last level taken. Returns the list, or ``(final tokens
+        (B, h, w, C), list)``."""
+        self._check(x)
+        check_output_fmt(output_fmt, "cswin")
+        n = self.num_stages
+        take, last = feature_take_indices(n, indices, "cswin")
+        run = last + 1 if stop_early else n
+        out = []
+        for i in range(run):
+            x = self._stage(i, x)
+            if i in take:
+                y = self.norm(x) if norm and i == 3 else x
+                out.append(to_fmt(y, output_fmt, channels_last=True))
+        if intermediates_only:
+            return out
+        return (self.norm(x) if run == 4 else x), out
+
+    def prune_intermediate_layers(
+        self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages (and merges) after the last level in ``indices``, the norm and
+        the head; returns the absolute indices."""
+        take, last = feature_take_indices(self.num_stages, indices, "cswin")
+        for i in range(last + 1, 4):
+            for name in (f"merge{i}", f"stage{i + 1}"):
+                if hasattr(self, name):
+                    delattr(self, name)
+        if prune_norm or last < 3:  # sized for the last stage only
+            self.norm = nn.Identity()
+        if prune_head:
+            self.head = nn.Identity()
+        return take
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, H/32, W/32, C_4)`` normed tokens."""
-        if x.dim() != 4:
-            raise ValueError(f"cswin: expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        x = self.stage1_conv_embed(x)
+        self._check(x)
         for i in range(4):
-            if i > 0:
-                x = getattr(self, f"merge{i}")(x)
-            for block in getattr(self, f"stage{i + 1}"):
-                x = block(x)
+            x = self._stage(i, x)
         return self.norm(x)
 
     def forward(self, x: Tensor) -> Tensor:

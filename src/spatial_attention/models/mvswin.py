@@ -39,6 +39,12 @@ at least the window (384 with window 12) give the reference's numbers exactly.
 
 Per-view weights are stacked along a leading view axis, so both views run as one batch;
 :func:`load_pretrained` maps the reference's ``_1``/``_2`` names onto them.
+
+timm's backbone interface (see :mod:`.features`), with Swin's levels (each stage's blocks'
+output, before its patch merging, at strides ``patch_size * 2**i``): a multi-view level is
+one map with the views' channels side by side (view 0 first, ``V * C_i`` channels), so a
+dense head sees an ordinary ``(B, C, H, W)`` map; ``set_grad_checkpointing`` (per block),
+``device=`` / ``dtype=``.
 """
 
 from __future__ import annotations
@@ -58,6 +64,17 @@ from ..layers.multiview import MultiViewWindowAttention, per_view_linear
 from . import register_model
 from .common import drop_path_rates
 from .common import load_pretrained as _load
+from .features import (
+    GradCheckpointing,
+    Indices,
+    check_output_fmt,
+    checkpointing_now,
+    factory_kwargs,
+    feature_info,
+    feature_take_indices,
+    run_blocks,
+    to_fmt,
+)
 
 __all__ = [
     "MVSwinTransformer",
@@ -200,9 +217,13 @@ class MVStage(nn.Module):
         super().__init__()
         self.blocks = nn.Sequential(*blocks)
         self.downsample = downsample
+        self.grad_checkpointing = False
+
+    def forward_blocks(self, x: Tensor) -> Tensor:
+        return run_blocks(self.blocks, x, checkpointing_now(self))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.blocks(x)
+        x = self.forward_blocks(x)
         return x if self.downsample is None else self.downsample(x)
 
 
@@ -255,7 +276,7 @@ def _grid_after(size: int, patch: int, merges: int) -> int:
     return g
 
 
-class MVSwinTransformer(nn.Module):
+class MVSwinTransformer(GradCheckpointing, nn.Module):
     """MV-Swin-T on two views ``(B, 3, H, W)`` each (or a stack ``(B, V, 3, H, W)``).
 
     Args:
@@ -272,9 +293,10 @@ class MVSwinTransformer(nn.Module):
             stages (norms, MLPs, merging and patch embedding stay per view).
 
     ``forward`` returns ``(B, num_classes)`` logits; ``forward_features`` the pooled
-    features.
+    features. ``device``, ``dtype``: where and in what precision to build.
     """
 
+    @factory_kwargs
     def __init__(
         self,
         img_size: int | tuple[int, int] = 384,
@@ -350,6 +372,12 @@ class MVSwinTransformer(nn.Module):
         self.num_features = dims[-1]
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        mv = multi_view_stages
+        self.feature_info = feature_info(
+            [d * (num_views if i < mv else 1) for i, d in enumerate(dims)],
+            [patch_size * 2**i for i in range(n)],
+            [f"layers.{i}" if i < mv else f"layers_fused.{i - mv}" for i in range(n)],
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -404,6 +432,69 @@ class MVSwinTransformer(nn.Module):
 
     def forward(self, *views: Tensor) -> Tensor:
         return self.head(self.forward_features(*views))
+
+    def _level(self, x: Tensor, norm: bool, output_fmt: str) -> Tensor:
+        # (B, V, h, w, C) -> one map, the views' channels side by side
+        B, V, h, w, C = x.shape
+        y = x[:, 0] if V == 1 else x.permute(0, 2, 3, 1, 4).reshape(B, h, w, V * C)
+        return to_fmt(self.norm(y) if norm else y, output_fmt, channels_last=True)
+
+    def forward_intermediates(
+        self,
+        *views: Tensor,
+        indices: Indices = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Stage outputs before patch merging for the levels in ``indices``, timm's Swin
+        semantics (``norm``: the final norm on the last stage only; ``stop_early``: skip
+        what follows the last level taken). The views come as in :meth:`forward`, so the
+        options are keyword-only. Returns the list, or ``(final tokens, list)``: the final
+        tokens are ``(B, h, w, C)`` (normed) once fused, ``(B, V, h, w, C)`` before."""
+        check_output_fmt(output_fmt, "mvswin")
+        stages = [*self.layers, *self.layers_fused]
+        n, fuse_at = len(stages), len(self.layers)
+        take, last = feature_take_indices(n, indices, "mvswin")
+        run = last + 1 if stop_early else n
+        x = self.pos_drop(self.patch_embed(self._views(views)))
+        out = []
+        for i in range(run):
+            if i == fuse_at:
+                x = self.fusion(x)
+            x = stages[i].forward_blocks(x)
+            if i in take:
+                out.append(self._level(x, norm and i == n - 1, output_fmt))
+            if i < run - 1 and stages[i].downsample is not None:
+                x = stages[i].downsample(x)
+        if intermediates_only:
+            return out
+        if x.shape[1] == 1:
+            x = self.norm(x[:, 0]) if run == n else x[:, 0]
+        return x, out
+
+    def prune_intermediate_layers(
+        self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop what follows the last level in ``indices`` (later stages, that stage's
+        merging, the fusion if no fused stage is left, the norm, the head); returns the
+        absolute indices."""
+        mv = len(self.layers)
+        n = mv + len(self.layers_fused)
+        take, last = feature_take_indices(n, indices, "mvswin")
+        if last < mv:
+            self.layers = self.layers[: last + 1]
+            self.layers_fused = nn.ModuleList()
+            self.fusion = nn.Identity()  # never reached: forward_intermediates stops first
+        else:
+            self.layers_fused = self.layers_fused[: last + 1 - mv]
+        [*self.layers, *self.layers_fused][-1].downsample = None
+        if prune_norm or last < n - 1:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.head = nn.Identity()
+        return take
 
 
 # -- reference checkpoints --------------------------------------------------------------

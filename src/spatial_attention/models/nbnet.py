@@ -52,6 +52,7 @@ from ..checks import check_layout, check_positive
 from ..errors import UsageError
 from ..layers.subspace import ResidualConvBlock, SubspaceAttention
 from . import register_model
+from .features import factory_kwargs
 
 __all__ = [
     "NBNet",
@@ -127,6 +128,7 @@ class NBNet(nn.Module):
     Shapes: ``(B, in_channels, H, W) -> (B, in_channels, H, W)``, any H, W.
     """
 
+    @factory_kwargs
     def __init__(self, in_channels: int = 3, width: int = 32, depth: int = 5,
                  num_bases: int = 16, relu_slope: float = 0.2, ssa: bool = True,
                  skip_mid: int = 128) -> None:

@@ -10,6 +10,11 @@ BatchNorm, before the identity is added back.
 
 >>> from spatial_attention.models import create_model
 >>> net = create_model("resnet18_cifar", num_classes=10, attn_layer="se")
+
+timm's backbone interface (see :mod:`.features`): ``feature_info`` / ``forward_intermediates``
+with timm's ResNet levels (0: the stem, 1-4: ``layer1..4``; the CIFAR stem keeps full
+resolution, so the reductions are 1, 1, 2, 4, 8), ``set_grad_checkpointing`` (per block),
+``device=`` / ``dtype=``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from . import register_model
+from .features import ResNetStages, factory_kwargs, feature_info
 
 __all__ = [
     "AttnLayer",
@@ -148,14 +154,18 @@ class Bottleneck(nn.Module):
         return self.act(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(ResNetStages, nn.Module):
     """ResNet for small images: 3x3 stem, 4 stages, global average pool, linear head.
 
     Shapes: ``(B, in_chans, H, W) -> (B, num_classes)``; any H, W >= 8 works (the
     stages downsample by 8 in total). ``width`` is the stem/first-stage width (64 in
-    the paper); the stages use ``width * (1, 2, 4, 8)`` planes.
+    the paper); the stages use ``width * (1, 2, 4, 8)`` planes. ``device``, ``dtype``:
+    where and in what precision to build.
     """
 
+    model_name = "CifarResNet"
+
+    @factory_kwargs
     def __init__(
         self,
         block: type[BasicBlock] | type[Bottleneck],
@@ -192,6 +202,10 @@ class CifarResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
         self.num_features = cin
+        self.feature_info = feature_info(
+            [width] + [width * 2**i * block.expansion for i in range(4)], (1, 1, 2, 4, 8),
+            ("stem", "layer1", "layer2", "layer3", "layer4"),
+        )
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -207,12 +221,8 @@ class CifarResNet(nn.Module):
                 if last is not None:
                     nn.init.zeros_(last.weight)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """``(B, in_chans, H, W) -> (B, num_features, H/8, W/8)``."""
-        if x.dim() != 4:
-            raise ValueError(f"CifarResNet: expected (B, C, H, W), got shape {tuple(x.shape)}")
-        x = self.stem(x)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    def stem_pool(self, x: Tensor) -> Tensor:
+        return x  # the CIFAR stem has no max-pool
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.pool(self.forward_features(x)).flatten(1))

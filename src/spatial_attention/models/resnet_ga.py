@@ -21,6 +21,9 @@ CIFAR ResNet (the ablation's baseline, same code path).
 
 >>> from spatial_attention.models import create_model
 >>> net = create_model("resnet18_cifar_ga", attention_type="0010", width=16)
+
+The backbone interface is :mod:`.resnet`'s (timm's ResNet levels, checkpointing, factory
+arguments).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 from ..layers.deformable import DeformableConv2d
 from ..layers.generalized import GeneralizedAttention
 from . import register_model
+from .features import ResNetStages, factory_kwargs, feature_info
 
 __all__ = ["PluginBasicBlock", "CifarResNetPlugin", "resnet18_cifar_ga", "resnet18_cifar_dcn"]
 
@@ -77,10 +81,14 @@ class PluginBasicBlock(nn.Module):
         return self.act(out + self.shortcut(x))
 
 
-class CifarResNetPlugin(nn.Module):
+class CifarResNetPlugin(ResNetStages, nn.Module):
     """CIFAR ResNet of :class:`PluginBasicBlock`; ``stages[i]`` switches stage ``i``'s
-    conv replacement / plugin on. ``(B, in_chans, H, W) -> (B, num_classes)``."""
+    conv replacement / plugin on. ``(B, in_chans, H, W) -> (B, num_classes)``.
+    ``device``, ``dtype``: where and in what precision to build."""
 
+    model_name = "CifarResNetPlugin"
+
+    @factory_kwargs
     def __init__(
         self,
         layers: Sequence[int] = (2, 2, 2, 2),
@@ -122,16 +130,17 @@ class CifarResNetPlugin(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
         self.num_features = cin
+        self.feature_info = feature_info(
+            [width] + [width * 2**i for i in range(4)], (1, 1, 2, 4, 8),
+            ("stem", "layer1", "layer2", "layer3", "layer4"),
+        )
         _init_convs(self)
 
+    def stem_pool(self, x: Tensor) -> Tensor:
+        return x  # the CIFAR stem has no max-pool
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(
-                f"CifarResNetPlugin: expected (B, C, H, W), got shape {tuple(x.shape)}"
-            )
-        x = self.stem(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(self.pool(x).flatten(1))
+        return self.fc(self.pool(self.forward_features(x)).flatten(1))
 
 
 def _init_convs(module: nn.Module) -> None:

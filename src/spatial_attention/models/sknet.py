@@ -7,6 +7,10 @@ This is SK where the paper puts it, *replacing* the 3x3 convolution of every bot
 (multiply-adds) at 224. State-dict keys are timm's ``skresnext50_32x4d`` (``conv1``,
 ``bn1``, ``layerN.i.conv1.conv/bn``, ``conv2.paths.m.conv/bn``, ``conv2.attn.fc_reduce/bn/
 fc_select``, ``conv3.conv/bn``, ``downsample.0/1``, ``fc``), so its weights load as is.
+
+timm's backbone interface (see :mod:`.features`): ``feature_info`` / ``forward_intermediates``
+as timm's ResNet (``act1`` at stride 2, ``layer1..4`` at 4-32), ``set_grad_checkpointing``
+(per bottleneck), ``device=`` / ``dtype=``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import Tensor, nn
 from ..layers.branch import SelectiveKernel
 from . import register_model
 from .common import load_pretrained as _load
+from .features import ResNetStages, factory_kwargs, feature_info
 
 __all__ = ["SKBottleneck", "SKNet", "load_pretrained"]
 
@@ -58,9 +63,13 @@ class SKBottleneck(nn.Module):
         return self.act(y + shortcut)
 
 
-class SKNet(nn.Module):
-    """ResNet-style network of :class:`SKBottleneck` blocks on ``(B, 3, H, W)`` images."""
+class SKNet(ResNetStages, nn.Module):
+    """ResNet-style network of :class:`SKBottleneck` blocks on ``(B, 3, H, W)`` images.
+    ``device``, ``dtype``: where and in what precision to build."""
 
+    model_name = "sknet"
+
+    @factory_kwargs
     def __init__(
         self, layers: Sequence[int] = (3, 4, 6, 3), num_classes: int = 1000,
         in_chans: int = 3, cardinality: int = 32, base_width: int = 4,
@@ -87,15 +96,20 @@ class SKNet(nn.Module):
             inplanes = out
         self.num_features = inplanes
         self.fc = nn.Linear(inplanes, num_classes) if num_classes else nn.Identity()
+        n = len(layers)
+        self.feature_info = feature_info(
+            [64] + [p * SKBottleneck.expansion for p in (64, 128, 256, 512)[:n]],
+            [2] + [4 * 2**i for i in range(n)], ["act1"] + [f"layer{i + 1}" for i in range(n)],
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"sknet: expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    def stem(self, x: Tensor) -> Tensor:
+        return self.act1(self.bn1(self.conv1(x)))
+
+    def stem_pool(self, x: Tensor) -> Tensor:
+        return self.maxpool(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.forward_features(x).mean((2, 3)))

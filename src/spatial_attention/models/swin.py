@@ -23,6 +23,10 @@ Beyond the official code: any input size (patch embedding and merging pad, windo
 attention pads and masks), and :meth:`SwinTransformer.forward_features` returns the four
 stage maps for dense tasks. Blocks are built by ``block_cls``, so variants that add a
 branch to every block (BOAT) reuse the whole network.
+
+timm's backbone interface (see :mod:`.features`): ``feature_info`` and
+``forward_intermediates`` as timm's ``SwinTransformer`` (one level per stage, the final
+norm only on the last), ``set_grad_checkpointing``, ``device=`` / ``dtype=``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,17 @@ from ..layers.window import WindowAttention
 from . import register_model
 from .common import PatchEmbed, PreNormBlock, drop_path_rates, init_transformer_weights
 from .common import load_pretrained as _load
+from .features import (
+    GradCheckpointing,
+    Indices,
+    check_output_fmt,
+    checkpointing_now,
+    factory_kwargs,
+    feature_info,
+    feature_take_indices,
+    run_blocks,
+    to_fmt,
+)
 
 __all__ = ["SwinBlock", "PatchMerging", "SwinTransformer", "load_pretrained",
            "convert_official_swin"]
@@ -94,12 +109,13 @@ class SwinStage(nn.Module):
         super().__init__()
         self.downsample = downsample
         self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(self.downsample(x))
+        return run_blocks(self.blocks, self.downsample(x), checkpointing_now(self))
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(GradCheckpointing, nn.Module):
     """Swin Transformer on ``(B, 3, H, W)`` images, any ``H, W``.
 
     Args:
@@ -109,8 +125,10 @@ class SwinTransformer(nn.Module):
             official code (stochastic depth grows linearly from 0 to ``drop_path_rate``).
         block_cls: the block class, called with ``dim, num_heads, window_size,
             shift_size, mlp_ratio, qkv_bias, drop, attn_drop, drop_path, stage, index``.
+        device, dtype: where and in what precision to build (``"meta"`` allocates nothing).
     """
 
+    @factory_kwargs
     def __init__(
         self,
         img_size: int = 224,
@@ -160,21 +178,66 @@ class SwinTransformer(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Module()
         self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.feature_info = feature_info(
+            dims, [patch_size * 2**i for i in range(len(dims))],
+            [f"layers.{i}" for i in range(len(dims))],
+        )
         self.apply(init_transformer_weights)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Indices = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's ``SwinTransformer.forward_intermediates``: stage outputs
+        ``(B, C_i, H / r_i, W / r_i)`` (``r_i`` = ``feature_info[i]['reduction']``) for the
+        levels in ``indices``; ``norm`` applies the final norm to the last stage only (it is
+        sized for it); ``stop_early`` skips the stages after the last level taken. Returns
+        the list, or ``(final tokens (B, h, w, C), list)``."""
+        if x.dim() != 4:
+            raise ValueError(f"swin: expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        check_output_fmt(output_fmt, "swin")
+        take, last = feature_take_indices(len(self.layers), indices, "swin")
+        stages = self.layers[: last + 1] if stop_early else self.layers
+        x = self.pos_drop(self.patch_embed(x))
+        out, n = [], len(self.layers)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                y = self.norm(x) if norm and i == n - 1 else x
+                out.append(to_fmt(y, output_fmt, channels_last=True))
+        if intermediates_only:
+            return out
+        return (self.norm(x) if len(stages) == n else x), out
+
+    def prune_intermediate_layers(
+        self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last level in ``indices`` (and the norm, the head);
+        returns the absolute indices, which stay valid for the pruned model."""
+        take, last = feature_take_indices(len(self.layers), indices, "swin")
+        # the final norm is sized for the last stage: gone with it
+        prune_norm = prune_norm or last < len(self.layers) - 1
+        self.layers = self.layers[: last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.head.fc = nn.Identity()
+        return take
 
     def forward_features(self, x: Tensor, stages: bool = False) -> Tensor | list[Tensor]:
         """``(B, H/32, W/32, C_4)`` normed tokens; with ``stages=True`` the four stage
         outputs as ``(B, C_i, H/2^(i+2), W/2^(i+2))`` maps (no final norm), for dense
-        heads (FPN, UPerNet)."""
+        heads (FPN, UPerNet): ``forward_intermediates(x, intermediates_only=True)``."""
+        if stages:
+            return self.forward_intermediates(x, intermediates_only=True)
         if x.dim() != 4:
             raise ValueError(f"swin: expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        x = self.pos_drop(self.patch_embed(x))
-        outs = []
-        for stage in self.layers:
-            x = stage(x)
-            if stages:
-                outs.append(x.permute(0, 3, 1, 2).contiguous())
-        return outs if stages else self.norm(x)
+        return self.norm(self.layers(self.pos_drop(self.patch_embed(x))))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.forward_features(x)

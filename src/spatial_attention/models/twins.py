@@ -31,6 +31,11 @@ repository's, which timm's ``twins.py`` shares (``patch_embeds``, ``blocks.i.j``
 Beyond the official code: any input size. Patch embeddings pad to their stride (the
 official code floors), LSA pads *and masks* (the official code and timm pad without
 masking), GSA keeps the official floor of the reduced grid.
+
+timm's backbone interface (see :mod:`.features`): ``feature_info`` and
+``forward_intermediates`` as timm's ``Twins`` (one level per stage; timm names the
+modules ``block.i``, the attribute is ``blocks``), ``set_grad_checkpointing`` (per block;
+timm's Twins has none), ``device=`` / ``dtype=``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,17 @@ from ..layers.window import WindowAttention
 from . import register_model
 from .common import PatchEmbed, PreNormBlock, drop_path_rates, init_transformer_weights
 from .common import load_pretrained as _load
+from .features import (
+    GradCheckpointing,
+    Indices,
+    check_output_fmt,
+    checkpointing_now,
+    factory_kwargs,
+    feature_info,
+    feature_take_indices,
+    run_blocks,
+    to_fmt,
+)
 
 __all__ = ["TwinsBlock", "Twins", "load_pretrained"]
 
@@ -81,12 +97,14 @@ class TwinsBlock(PreNormBlock):
         super().__init__(dim, attn, mlp_ratio, drop, drop_path, norm_eps=1e-6)
 
 
-class Twins(nn.Module):
+class Twins(GradCheckpointing, nn.Module):
     """Twins-PCPVT (``wss=None``) or Twins-SVT (``wss`` the LSA window per stage).
 
     Shapes: ``(B, 3, H, W)`` images, any ``H, W`` -> ``(B, num_classes)`` logits.
+    ``device``, ``dtype``: where and in what precision to build.
     """
 
+    @factory_kwargs
     def __init__(
         self,
         img_size: int = 224,
@@ -139,25 +157,78 @@ class Twins(nn.Module):
         self.stage_dims = tuple(embed_dims)
         self.norm = nn.LayerNorm(self.num_features, eps=1e-6)  # as the official code
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.feature_info = feature_info(
+            embed_dims, [patch_size * 2**i for i in range(n)], [f"blocks.{i}" for i in range(n)]
+        )
         self.apply(init_transformer_weights)
+
+    def _stage(self, i: int, x: Tensor) -> Tensor:
+        # (B, C, H, W) image or (B, H, W, C) tokens of the previous stage -> (B, h, w, C_i)
+        x = self.pos_drops[i](self.patch_embeds[i](x if i == 0 else x.permute(0, 3, 1, 2)))
+        blocks, ckpt = self.blocks[i], checkpointing_now(self)
+        x = run_blocks(blocks[:1], x, ckpt)
+        if len(blocks):  # the PEG follows the stage's first block
+            x = self.pos_block[i](x)
+        return run_blocks(blocks[1:], x, ckpt)
+
+    def _check(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"twins: expected images (B, C, H, W), got shape {tuple(x.shape)}")
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Indices = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's ``Twins.forward_intermediates``: stage outputs ``(B, C_i, H / r_i,
+        W / r_i)`` for the levels in ``indices``, the final norm on the last stage only
+        (with ``norm``); ``stop_early`` skips the stages after the last level taken.
+        Returns the list, or ``(final tokens (B, h, w, C), list)``."""
+        self._check(x)
+        check_output_fmt(output_fmt, "twins")
+        n = len(self.blocks)
+        take, last = feature_take_indices(n, indices, "twins")
+        run = last + 1 if stop_early else n
+        out = []
+        for i in range(run):
+            x = self._stage(i, x)
+            if i in take:
+                y = self.norm(x) if norm and i == n - 1 else x
+                out.append(to_fmt(y, output_fmt, channels_last=True))
+        if intermediates_only:
+            return out
+        return (self.norm(x) if run == n else x), out
+
+    def prune_intermediate_layers(
+        self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last level in ``indices`` (and the norm, the head);
+        returns the absolute indices."""
+        take, last = feature_take_indices(len(self.blocks), indices, "twins")
+        # the final norm is sized for the last stage: gone with it
+        prune_norm = prune_norm or last < len(self.blocks) - 1
+        for name in ("patch_embeds", "pos_drops", "blocks", "pos_block"):
+            setattr(self, name, getattr(self, name)[: last + 1])
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.head = nn.Identity()
+        return take
 
     def forward_features(self, x: Tensor, stages: bool = False) -> Tensor | list[Tensor]:
         """``(B, H/32, W/32, C_4)`` normed tokens; with ``stages=True`` the four stage
-        outputs as ``(B, C_i, H_i, W_i)`` maps, for dense heads."""
-        if x.dim() != 4:
-            raise ValueError(f"twins: expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        outs = []
-        for i, (embed, drop, blocks, peg) in enumerate(
-            zip(self.patch_embeds, self.pos_drops, self.blocks, self.pos_block, strict=True)
-        ):
-            x = drop(embed(x if i == 0 else x.permute(0, 3, 1, 2)))  # (B, H, W, C)
-            for j, block in enumerate(blocks):
-                x = block(x)
-                if j == 0:
-                    x = peg(x)
-            if stages:
-                outs.append(x.permute(0, 3, 1, 2).contiguous())
-        return outs if stages else self.norm(x)
+        outputs as ``(B, C_i, H_i, W_i)`` maps, for dense heads
+        (``forward_intermediates(x, intermediates_only=True)``)."""
+        if stages:
+            return self.forward_intermediates(x, intermediates_only=True)
+        self._check(x)
+        for i in range(len(self.blocks)):
+            x = self._stage(i, x)
+        return self.norm(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x).mean((1, 2)))

@@ -21,6 +21,10 @@ model                  patch  dim    depth  heads  params
 =====================  =====  =====  =====  =====  ===========
 
 (10 classes; the MLP ratio is 4 throughout.)
+
+timm's backbone interface (see :mod:`.features`) with timm's ViT levels: one per block, all
+at stride ``patch_size``, ``norm`` normalising every level (one norm serves all widths);
+``set_grad_checkpointing`` (per block), ``device=`` / ``dtype=``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_model
-from .common import drop_path
+from .common import drop_path, drop_path_rates
+from .features import (
+    GradCheckpointing,
+    Indices,
+    check_output_fmt,
+    checkpointing_now,
+    factory_kwargs,
+    feature_info,
+    feature_take_indices,
+    run_blocks,
+    to_fmt,
+)
 
 __all__ = [
     "VisionTransformer",
@@ -122,15 +137,17 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(GradCheckpointing, nn.Module):
     """Patch embedding, pre-norm mixer/MLP blocks, mean pool, linear head.
 
     Shapes: ``(B, in_chans, H, W) -> (B, num_classes)``. H and W need not divide the
     patch size (the image is zero-padded on the bottom/right), and need not equal
     ``img_size`` (the position embedding is resized bicubically). Cost per block:
-    the mixer's plus ``4 * mlp_ratio * N * dim^2`` FLOPs for the MLP.
+    the mixer's plus ``4 * mlp_ratio * N * dim^2`` FLOPs for the MLP. ``device``,
+    ``dtype``: where and in what precision to build.
     """
 
+    @factory_kwargs
     def __init__(
         self,
         img_size: int = 32,
@@ -165,12 +182,16 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
         grid = math.ceil(img_size / patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, dim))
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        # plain Python, so the model builds on the meta device
+        rates = drop_path_rates(drop_path, depth)
         self.blocks = nn.Sequential(
             *(Block(dim, num_heads, factory, flatten, mlp_ratio, r) for r in rates)
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
+        self.feature_info = feature_info(
+            [dim] * depth, [patch_size] * depth, [f"blocks.{i}" for i in range(depth)]
+        )
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
@@ -194,8 +215,7 @@ class VisionTransformer(nn.Module):
                             align_corners=False)
         return pos.permute(0, 2, 3, 1)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """``(B, in_chans, H, W) -> (B, H/p, W/p, dim)`` normalised tokens."""
+    def _embed(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(
                 f"VisionTransformer: expected (B, C, H, W), got shape {tuple(x.shape)}"
@@ -205,8 +225,49 @@ class VisionTransformer(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.patch_embed(x).permute(0, 2, 3, 1)  # (B, H', W', C)
-        x = x + self._pos(x.shape[1], x.shape[2])
-        return self.norm(self.blocks(x))
+        return x + self._pos(x.shape[1], x.shape[2])
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, in_chans, H, W) -> (B, H/p, W/p, dim)`` normalised tokens."""
+        return self.norm(run_blocks(self.blocks, self._embed(x), checkpointing_now(self)))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Indices = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Block outputs ``(B, dim, H/p, W/p)`` for the levels in ``indices``, as timm's
+        ViT: ``norm`` normalises each; ``stop_early`` skips the blocks after the last level
+        taken. Returns the list, or ``(final normed tokens (B, h, w, dim), list)``."""
+        check_output_fmt(output_fmt, "VisionTransformer")
+        n = len(self.blocks)
+        take, last = feature_take_indices(n, indices, "VisionTransformer")
+        blocks = self.blocks[: last + 1] if stop_early else self.blocks
+        x, out, ckpt = self._embed(x), [], checkpointing_now(self)
+        for i, block in enumerate(blocks):
+            x = run_blocks((block,), x, ckpt)
+            if i in take:
+                out.append(to_fmt(self.norm(x) if norm else x, output_fmt, channels_last=True))
+        if intermediates_only:
+            return out
+        return (self.norm(x) if len(blocks) == n else x), out
+
+    def prune_intermediate_layers(
+        self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last level in ``indices`` (and the norm, the head);
+        returns the absolute indices."""
+        take, last = feature_take_indices(len(self.blocks), indices, "VisionTransformer")
+        self.blocks = self.blocks[: last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.head = nn.Identity()
+        return take
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x).mean((1, 2)))

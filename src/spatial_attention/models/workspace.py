@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ..layers.scoring import MultiHeadAttention
 from ..layers.workspace import SharedWorkspace
 from . import register_model
+from .features import factory_kwargs
 
 __all__ = [
     "EncoderLayer",
@@ -122,6 +123,7 @@ class SortOfClevrTransformer(nn.Module):
     for the feed-forward, ``N = 2 + (H/p)(W/p)`` tokens.
     """
 
+    @factory_kwargs
     def __init__(
         self,
         mixer: str = "workspace",
