@@ -274,8 +274,8 @@ def cmd_timing(args: argparse.Namespace) -> None:
 def cmd_ssa(args: argparse.Namespace) -> None:
     """SSA alone: fused (solve) vs explicit (N x N projection) forward time and memory."""
     import spatial_attention as sa
-    from spatial_attention.capture import explicit_path
     from spatial_attention.apps.bench.memory import TensorMemoryTracker
+    from spatial_attention.capture import explicit_path
 
     torch.set_num_threads(args.threads)
     print(f"| C | H x W | path | ms (median of {args.repeat}) | peak tensor MiB |")

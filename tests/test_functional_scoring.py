@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from spatial_attention.functional import (
     additive_scores,
     attention,
+    dispatch,
     dot_product_scores,
     masked_softmax,
     materialized_attention,
@@ -15,7 +16,6 @@ from spatial_attention.functional import (
     scoring,
     sequence_mask,
 )
-from spatial_attention.functional import dispatch
 from spatial_attention.functional.kernels import kept_probs
 
 

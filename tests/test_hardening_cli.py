@@ -128,8 +128,8 @@ def test_denoise_infers_the_model_of_a_checkpoint_file(capsys, tmp_path, denoise
 
 
 def test_denoise_infers_the_model_from_the_keys(capsys, tmp_path):
-    from safetensors.torch import save_file
     from PIL import Image
+    from safetensors.torch import save_file
 
     Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(tmp_path / "img.png")
     bare = tmp_path / "small.safetensors"  # no metadata, no run around it
@@ -144,8 +144,8 @@ def test_denoise_infers_the_model_from_the_keys(capsys, tmp_path):
 
 
 def test_denoise_reads_the_model_from_safetensors_metadata(capsys, tmp_path, monkeypatch):
-    from safetensors.torch import save_file
     from PIL import Image
+    from safetensors.torch import save_file
 
     from spatial_attention.apps.denoise import cli as denoise
 

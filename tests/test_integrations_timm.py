@@ -154,8 +154,8 @@ def test_attn_layer_pickles_and_reads_well():
 
 
 def test_train_builds_timm_resnet_with_attn():
-    from spatial_attention.errors import UsageError
     from spatial_attention.apps.training import build_model
+    from spatial_attention.errors import UsageError
 
     model = build_model("timm:resnet18", 10, attn="se")
     assert len(_attn_modules(model, "se")) == 8  # one per BasicBlock, as timm places it

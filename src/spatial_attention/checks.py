@@ -11,13 +11,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-_LAYOUT_AXES = {
+#: the tensor layouts a mechanism may take, by registry name: axes as written in messages
+LAYOUTS = {
     "map": "(B, C, H, W)",
     "tokens": "(B, H, W, C)",
     "sequence": "(B, N, C)",
     "clip": "(B, T, C, H, W)",
 }
-_RANK = {"map": 4, "tokens": 4, "sequence": 3, "clip": 5}
+_RANK = {name: axes.count(",") + 1 for name, axes in LAYOUTS.items()}
 
 
 def check_rank(name: str, x: Tensor, rank: int, axes: str) -> None:
@@ -31,7 +32,7 @@ def check_rank(name: str, x: Tensor, rank: int, axes: str) -> None:
 
 def check_layout(name: str, x: Tensor, layout: str, channels: int | None = None) -> None:
     """Rank and channel count of ``x`` for one of the registry's layouts."""
-    axes = _LAYOUT_AXES[layout]
+    axes = LAYOUTS[layout]
     rank = _RANK[layout]
     check_rank(name, x, rank, axes)
     if channels is not None:
@@ -145,3 +146,22 @@ def check_probability(name: str, **values: float) -> None:
     for key, value in values.items():
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name}: {key} must be in [0, 1), got {value!r}")
+
+
+def check_window_shift(name: str, window_size: int | Sequence[int],
+                       shift: int | Sequence[int] | None, what: str = "shift_size"
+                       ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(window, shift)`` as pairs; ``shift=None`` is half the window (Swin's SW-MSA).
+
+    A window must be positive and a shift in ``[0, window)`` along each axis."""
+    def pair(v: int | Sequence[int]) -> tuple[int, int]:
+        return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+    window = pair(window_size)
+    check_positive(name, window_size=min(window))
+    shifts = (window[0] // 2, window[1] // 2) if shift is None else pair(shift)
+    if not all(0 <= s < m for s, m in zip(shifts, window, strict=True)):
+        raise ValueError(f"{name}: {what} must satisfy 0 <= shift < window ({window}), "
+                         f"got {shifts}")
+    return window, shifts
+

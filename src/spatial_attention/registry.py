@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checks import LAYOUTS
+
 FAMILIES = (
     "channel",
     "spatial",
@@ -30,12 +32,6 @@ FAMILIES = (
 )
 
 #: layout name -> the tensor layout a mechanism takes and returns
-LAYOUTS = {
-    "map": "(B, C, H, W)",
-    "tokens": "(B, H, W, C)",
-    "sequence": "(B, N, C)",
-    "clip": "(B, T, C, H, W)",
-}
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 

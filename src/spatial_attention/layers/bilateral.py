@@ -24,8 +24,8 @@ from torch.autograd.function import once_differentiable
 
 from ..checks import check_divisible, check_positive, check_probability
 from ..functional.clustering import balanced_binary_clustering, inverse_permutation
-from ..functional.permute import permute_rows
 from ..functional.dispatch import attention, deprecated_switch
+from ..functional.permute import permute_rows
 from ..registry import register
 from ..tracing import exporting_graph
 from .base import AttentionModule

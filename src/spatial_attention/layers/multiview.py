@@ -52,10 +52,11 @@ from ..checks import (
     check_floating,
     check_positive,
     check_probability,
+    check_window_shift,
 )
+from ..functional.dispatch import attention
 from ..functional.permute import permute_rows
 from ..functional.position import relative_position_index
-from ..functional.dispatch import attention
 from ..functional.scoring import additive_mask
 from ..functional.windows import WindowLayout, effective_shift, to_2tuple, window_layout
 from ..registry import register
@@ -204,16 +205,9 @@ class MultiViewWindowAttention(AttentionModule):
         # the registry binds mode="concat" to its own name: errors name that one
         name = "multi_view_concat_attention" if mode == "concat" else "multi_view_window_attention"
         check_divisible(name, dim, num_heads)
-        self.window_size = to_2tuple(window_size)
-        check_positive(name, window_size=min(self.window_size), num_views=num_views,
-                       cpb_hidden=cpb_hidden)
+        self.window_size, self.shift = check_window_shift(name, window_size, shift, "shift")
+        check_positive(name, num_views=num_views, cpb_hidden=cpb_hidden)
         mh, mw = self.window_size
-        self.shift = (mh // 2, mw // 2) if shift is None else to_2tuple(shift)
-        if not all(0 <= s < m for s, m in zip(self.shift, self.window_size, strict=True)):
-            raise ValueError(
-                f"{name}: shift must satisfy 0 <= shift < window ({self.window_size}), "
-                f"got {self.shift}"
-            )
         if mode not in _MODES:
             raise ValueError(f"{name}: mode must be one of {_MODES}, got {mode!r}")
         if mode != "self" and num_views < 2:

@@ -279,7 +279,8 @@ class MultiHeadAttention(AttentionModule):
         if self.use_fused:
             out = attention(q, k, v, mask, dropout_p=p, impl=self.impl)
         else:
-            out, weights = attention(q, k, v, mask, dropout_p=p, impl="explicit", return_weights=True)
+            out, weights = attention(q, k, v, mask, dropout_p=p, impl="explicit",
+                                     return_weights=True)
             self.record(weights)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 

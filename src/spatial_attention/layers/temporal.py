@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_dtype_matches, check_floating, check_divisible, check_positive, check_probability
+from ..checks import (
+    check_divisible,
+    check_dtype_matches,
+    check_floating,
+    check_positive,
+    check_probability,
+)
 from ..functional.dispatch import attention
 from ..registry import register
 from .base import AttentionModule

@@ -23,15 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_divisible, check_positive, check_probability
+from ..checks import check_divisible, check_probability, check_window_shift
+from ..functional.dispatch import attention, deprecated_switch
 from ..functional.permute import permute_rows
 from ..functional.position import relative_position_bias, relative_position_index
-from ..functional.dispatch import attention, deprecated_switch
 from ..functional.scoring import additive_mask
 from ..functional.windows import (
     WindowLayout,
     effective_shift,
-    to_2tuple,
     window_layout,
     window_partition,
     window_reverse,
@@ -142,15 +141,8 @@ class WindowAttention(AttentionModule):
         super().__init__(attn_impl=attn_impl)
         name = "window_attention"
         check_divisible(name, dim, num_heads)
-        self.window_size = to_2tuple(window_size)
-        check_positive(name, window_size=min(self.window_size))
+        self.window_size, self.shift_size = check_window_shift(name, window_size, shift_size)
         mh, mw = self.window_size
-        self.shift_size = (mh // 2, mw // 2) if shift_size is None else to_2tuple(shift_size)
-        if not all(0 <= s < m for s, m in zip(self.shift_size, self.window_size, strict=True)):
-            raise ValueError(
-                f"{name}: shift_size must satisfy 0 <= shift < window ({self.window_size}), "
-                f"got {self.shift_size}"
-            )
         check_probability(name, attn_drop=attn_drop, proj_drop=proj_drop)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.scale = self.head_dim**-0.5

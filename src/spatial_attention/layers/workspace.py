@@ -252,7 +252,8 @@ class SharedWorkspace(AttentionModule):
         if self.use_fused:
             out = attention(q, k, v, scale=self.scale, impl=self.impl)
         else:
-            out, weights = attention(q, k, v, scale=self.scale, impl="explicit", return_weights=True)
+            out, weights = attention(q, k, v, scale=self.scale, impl="explicit",
+                                     return_weights=True)
             self.record(weights)
         out = out.transpose(1, 2).reshape(B, N, C)
         return (out, updated) if return_memory else out
