@@ -146,11 +146,11 @@ def test_fast_gather_backward_equals_the_plain_gather(size, monkeypatch):
     """The custom backward of the leaf gather (slots -> rows by a second gather) gives
     the gradients autograd derives for the plain index_select path: an unpaired partial
     last leaf (3 leaves), two and four sibling pairs."""
-    from spatial_attention.layers import bilateral
+    from spatial_attention.functional.kernels import leaf_gather
 
     calls = []
-    apply = bilateral._LeafGather.apply
-    monkeypatch.setattr(bilateral._LeafGather, "apply",
+    apply = leaf_gather.LeafGather.apply
+    monkeypatch.setattr(leaf_gather.LeafGather, "apply",
                         lambda *a: calls.append(1) or apply(*a))
 
     torch.manual_seed(0)
@@ -166,7 +166,7 @@ def test_fast_gather_backward_equals_the_plain_gather(size, monkeypatch):
 
     fast = grads()
     assert calls, "the fast gather was not used"
-    monkeypatch.setattr(bilateral, "exporting_graph", lambda: True)  # forces the plain gather
+    monkeypatch.setattr(leaf_gather, "exporting_graph", lambda: True)  # forces the plain gather
     m.attn_impl = "sdpa"  # and SDPA instead of the short-key products
     plain = grads()
     for a, b in zip(fast, plain, strict=True):

@@ -7,7 +7,8 @@ from torch import nn
 
 import spatial_attention as sa
 from spatial_attention import capture_attention, explicit_path
-from spatial_attention.functional.gates import _first_max, cbam_gates
+from spatial_attention.functional.gates import cbam_gates
+from spatial_attention.functional.kernels.cbam_gates import _first_max
 from spatial_attention.layers.cbam import CBAM, convert_official_cbam_keys
 
 NAMES = ["channel_gate", "spatial_gate", "cbam"]

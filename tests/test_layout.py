@@ -154,3 +154,17 @@ def test_torchrun_entry_keeps_its_old_path_without_a_warning():
                              text=True, env=env, timeout=300)
         assert out.returncode == 0, out.stderr
         assert "--resume" in out.stdout and "python -m spatial_attention.train" in out.stdout
+
+
+def test_functional_exports_what_its_submodules_export():
+    import importlib
+
+    import spatial_attention.functional as F
+
+    for sub in ("clustering", "dispatch", "gates", "permute", "position", "sampling",
+                "scoring", "windows"):
+        module = importlib.import_module(f"spatial_attention.functional.{sub}")
+        public = [n for n in getattr(module, "__all__", []) if n not in
+                  ("fused_path_applies", "check_deform_args")]  # internals of one layer
+        missing = [n for n in public if n not in F.__all__]
+        assert not missing, f"functional/{sub}.py exports {missing}, functional does not"

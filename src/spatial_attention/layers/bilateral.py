@@ -20,125 +20,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from ..checks import check_divisible, check_positive, check_probability
 from ..functional.clustering import balanced_binary_clustering, inverse_permutation
 from ..functional.dispatch import attention, deprecated_switch
-from ..functional.permute import permute_rows
+from ..functional.kernels.leaf_gather import fsla_key_positions, gather_leaves, scatter_leaves
 from ..registry import register
-from ..tracing import exporting_graph
 from .base import AttentionModule
 from .window import WindowAttention
 
 __all__ = ["FeatureSpaceLocalAttention", "BilateralLocalAttention", "fsla_key_positions"]
-
-
-def fsla_key_positions(
-    num_tokens: int, group_size: int, overlap: int, device: torch.device | None = None,
-    leaves: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Which slots of the clustered order each leaf reads as keys, and which are real.
-
-    Leaves pair up as siblings ``(2i, 2i+1)`` (the two halves of the last split). Leaf
-    ``2i`` reads its own ``g`` slots and the *first* ``overlap`` slots of leaf ``2i+1``;
-    leaf ``2i+1`` reads its own and the *last* ``overlap`` of leaf ``2i``: in both cases
-    the sibling's tokens nearest the cut. Returns ``(positions, valid)``, both ``(nG, g +
-    overlap)`` with ``nG = ceil(N / g)``; ``valid`` is False on padding slots (``>= N``),
-    which include a missing sibling (a single leaf, or an unpaired last leaf).
-    ``leaves`` asks for more rows than ``nG`` (the fast path computes the padding
-    sibling of an unpaired last leaf too, and discards its output).
-    """
-    g, o = group_size, overlap
-    groups = max(1, (num_tokens + g - 1) // g)  # not -(-a // b): traced ints truncate
-    groups = groups if leaves is None else leaves
-    leaf = torch.arange(groups, device=device)[:, None]
-    own = leaf * g + torch.arange(g, device=device)
-    odd = leaf % 2
-    sibling_start = torch.where(odd.bool(), (leaf - 1) * g + (g - o), (leaf + 1) * g)
-    sibling = sibling_start + torch.arange(o, device=device)
-    positions = torch.cat([own, sibling], dim=1)
-    return positions, positions < num_tokens
-
-
-def _leaf_rows(tok: Tensor, positions: Tensor, N: int, h: int) -> Tensor:
-    """Rows of the ``(B*N*3*h, d)`` q|k|v grid that the leaves read, in one flat index.
-
-    ``tok`` ``(B, h, L*g)``: the token in each slot of the clustered order (padding slots
-    point at a real token; they are masked or discarded). ``positions`` ``(L, g+o)``: the
-    slots each leaf reads as keys (:func:`fsla_key_positions`). Returns the query rows of
-    every slot, then the key rows and the value rows of every leaf's ``g + o`` keys, so one
-    ``index_select`` builds all three with the sibling overlap already in place.
-    """
-    B, _, S = tok.shape
-    sample = torch.arange(B, device=tok.device).view(B, 1, 1)
-    head = torch.arange(h, device=tok.device).view(1, h, 1)
-    key_tok = tok[..., positions.clamp(max=S - 1).flatten()]  # (B, h, L*(g+o))
-    q_rows = ((sample * N + tok) * 3) * h + head
-    k_rows = ((sample * N + key_tok) * 3 + 1) * h + head
-    return torch.cat([q_rows.flatten(), k_rows.flatten(), (k_rows + h).flatten()])
-
-
-def _split_leaves(picked: Tensor, B: int, h: int, L: int, g: int, o: int):
-    """The rows gathered by :func:`_leaf_rows` as queries ``(B, h*L, g, d)`` and keys and
-    values ``(B, h*L, g+o, d)``: views of the one gathered tensor, no further copy."""
-    d = picked.shape[-1]
-    nq = B * h * L * g
-    k, v = picked[nq:].view(2, B, h * L, g + o, d).unbind(0)
-    return picked[:nq].view(B, h * L, g, d), k, v
-
-
-class _LeafGather(torch.autograd.Function):
-    """Rows of ``qkv`` -> the leaves' queries ``(B, h*L, g, d)`` and keys and values
-    ``(B, h*L, g+o, d)``, and the values in token order ``(B, N, C)`` for the depthwise
-    convolution, with a backward that gathers instead of scattering.
-
-    Forward: one ``index_select`` of every leaf's query rows and key and value rows,
-    overlap included (:func:`_leaf_rows`), split by views; the token-order values are a
-    strided copy. Backward: the leaves' gradients are laid back into slots (the own part
-    copied, each overlap part added to the sibling slots it came from, two strided adds)
-    and one gather by ``inverse`` (each row's slot) returns them to rows; the convolution's
-    gradient is added into the value rows in place. (Left to autograd, that second use
-    of ``qkv`` would cost a zero-filled ``qkv``-sized gradient and a full-size sum.)
-    Padding slots' gradients are zero (their queries are discarded, their keys masked),
-    so no row needs more than its own slot. Needs ``L`` even when ``o > 0``.
-    """
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, index: Tensor, inverse: Tensor, shape: tuple):  # noqa: ANN001
-        B, h, L, g, o = shape
-        N, C = rows.shape[0] // (3 * B * h), h * rows.shape[1]
-        ctx.save_for_backward(inverse)
-        ctx.shape = shape
-        v_tokens = rows.view(B, N, 3, C)[:, :, 2].contiguous()
-        return (*_split_leaves(rows.index_select(0, index), B, h, L, g, o), v_tokens)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor, dv_tokens: Tensor):  # noqa: ANN001, ANN205
-        (inverse,) = ctx.saved_tensors
-        B, h, L, g, o = ctx.shape
-        ref = next(t for t in (dq, dk, dv, dv_tokens) if t is not None)
-        d = ref.shape[-1] // (h if ref is dv_tokens else 1)
-        grad = ref.new_zeros(3, B, h, L, g, d) if None in (dq, dk, dv) else \
-            ref.new_empty(3, B, h, L, g, d)
-        if dq is not None:
-            grad[0] = dq.view(B, h, L, g, d)
-        for i, dt in ((1, dk), (2, dv)):
-            if dt is None:
-                continue
-            dt = dt.view(B, h, L, g + o, d)
-            grad[i] = dt[..., :g, :]
-            if o:
-                pair = dt.view(B, h, L // 2, 2, g + o, d)
-                slots = grad[i].view(B, h, L // 2, 2, g, d)
-                slots[:, :, :, 1, :o] += pair[:, :, :, 0, g:]  # leaf 2i read 2i+1's first o
-                slots[:, :, :, 0, g - o:] += pair[:, :, :, 1, g:]  # 2i+1 read 2i's last o
-        d_rows = grad.view(-1, d).index_select(0, inverse)
-        if dv_tokens is not None:
-            N = d_rows.shape[0] // (3 * B * h)
-            d_rows.view(B, N, 3, h * d)[:, :, 2] += dv_tokens.view(B, N, h * d)
-        return d_rows, None, None, None
 
 
 @register(
@@ -184,7 +75,7 @@ class FeatureSpaceLocalAttention(AttentionModule):
     Fast path: the clustering as sorts and gathers batched over every (batch, head,
     cluster); one gather of every leaf's queries and its keys and values, the sibling
     overlap included, with a backward that gathers back instead of scattering
-    (``_LeafGather``; :func:`~spatial_attention.functional.permute.permute_rows` for the
+    (:mod:`~spatial_attention.functional.kernels.leaf_gather`; :func:`~spatial_attention.functional.permute.permute_rows` for the
     return to token order); one attention call over all leaves; memory linear in ``N``.
     On CPU that call keeps the ``g x (g + o)`` probabilities of every leaf for backward
     (``save_probs``, on by default: forward + backward of the grouped attention 51 -> 33
@@ -263,38 +154,20 @@ class FeatureSpaceLocalAttention(AttentionModule):
                 f"fsla: pair_batch=True pairs the images of a batch when a map has one group "
                 f"(N={N} <= group_size={g}); it needs an even batch, got shape {tuple(x.shape)}"
             )
-        dh = self.head_dim
         qkv = self.qkv(x.reshape(B, N, C))  # (B, N, 3C), channels laid out (3, h, dh)
-        rows = qkv.view(B * N * 3 * h, dh)  # one row per (sample, token, q|k|v, head)
-        q = qkv.view(B, N, 3, h, dh)[:, :, 0].transpose(1, 2)  # (B, h, N, dh)
+        q = qkv.view(B, N, 3, h, self.head_dim)[:, :, 0].transpose(1, 2)  # (B, h, N, dh)
         perm = balanced_binary_clustering(self._grouping_queries(x, q), g, iters=self.iters,
                                           temperature=self.temperature)
 
-        nG = max(1, (N + g - 1) // g)  # leaves holding real tokens
-        # leaves computed: an unpaired last leaf brings its (padding) sibling along, so
-        # leaves come in sibling pairs (the gather's backward adds overlaps pair by pair)
-        L = nG + nG % 2 if (o > 0 and nG > 1) else nG
-        positions, valid = fsla_key_positions(N, g, o, device=x.device, leaves=L)  # (L, g+o)
-        tok = perm[..., : L * g].clamp(max=N - 1)  # padding slots read token N-1 (unused)
         inv = inverse_permutation(perm)[..., :N]  # (B, h, N): each token's slot
-        sample = torch.arange(B, device=x.device).view(B, 1, 1)
-        head = torch.arange(h, device=x.device).view(1, h, 1)
-        index = _leaf_rows(tok, positions, N, h)
-        if lone or not (torch.is_grad_enabled() and rows.requires_grad) or exporting_graph():
-            qg, kg, vg = _split_leaves(rows.index_select(0, index), B, h, L, g, o)
-            v_tokens = qkv.view(B, N, 3, C)[:, :, 2]
-        else:
-            # row (b, n, w, head) sits in exactly one real slot of the q|k|v slot grid
-            which = torch.arange(3, device=x.device).view(1, 1, 3, 1)
-            inverse = ((which * B + sample.view(B, 1, 1, 1)) * h + head.view(1, 1, 1, h)) \
-                * (L * g) + inv.transpose(1, 2)[:, :, None, :]
-            qg, kg, vg, v_tokens = _LeafGather.apply(rows, index, inverse.flatten(),
-                                                     (B, h, L, g, o))
+        # one gather builds every leaf's queries, keys and values (overlap included)
+        qg, kg, vg, v_tokens, leaves = gather_leaves(qkv, perm, inv, h, g, o)
+        L, nG = leaves.leaves, leaves.real_leaves
         mask = None
         if self.pair_batch and lone and o > 0:
             kg, vg = self._pair_images(kg, vg)
-        elif L * g > N or (o > 0 and L == 1):  # padding slots or a missing sibling
-            mask = valid.repeat(h, 1)[None, :, None, :]  # (1, h*L, 1, g+o)
+        elif leaves.padded:  # padding slots or a missing sibling
+            mask = leaves.valid.repeat(h, 1)[None, :, None, :]  # (1, h*L, 1, g+o)
 
         p = self.attn_drop if self.training else 0.0
         if self.use_fused:
@@ -305,14 +178,7 @@ class FeatureSpaceLocalAttention(AttentionModule):
             self.record(weights.view(B, h, L, g, g + o)[:, :, :nG])
             self.record((inv // g).view(B, h, H, W))
 
-        # back to token order, rows laid out (sample, token, head) so heads concatenate;
-        # backward: slot (b, head, s) reads the gradient of token perm[s] (none if padding)
-        index = ((sample * h + head) * (L * g) + inv).transpose(1, 2)  # (B, N, h)
-        real = perm[..., : L * g]
-        inverse = torch.where(real < N, (sample * N + real.clamp(max=N - 1)) * h + head,
-                              B * N * h)
-        out = permute_rows(out.reshape(B * h * L * g, dh), 0, index.flatten(),
-                           inverse.flatten(), zero_row=L * g > N).view(B, N, C)
+        out = scatter_leaves(out, leaves, g)  # (B, N, C) in token order
         # the reference adds a depthwise 3x3 conv of the values, in image layout
         v_img = v_tokens.reshape(B, H, W, C).contiguous().permute(0, 3, 1, 2)
         local = self.get_v(v_img).permute(0, 2, 3, 1).reshape(B, N, C)
