@@ -53,39 +53,27 @@ class _SelectAttention(nn.Module):
 class SelectiveKernel(AttentionModule):
     """Selective Kernel convolution (Li et al. CVPR 2019, Sec. 3.1, Eq. 1-6).
 
-    *Split*: ``M`` grouped 3x3 conv + BN + ReLU branches, branch ``m`` with dilation
-    ``dilations[m]`` (the paper's 5x5 kernel is its dilated 3x3, dilation 2). *Fuse*:
-    ``U = sum_m U_m``, ``s = GAP(U)``, ``z = ReLU(BN(W s))`` with ``W: C -> d``,
-    ``d = max(C / r, L)``. *Select*: ``a_m = softmax_m(A_m z)`` per channel, ``V = sum_m
-    a_m U_m``. Defaults are the paper's: ``M = 2`` (dilations 1, 2), ``G = 32``, ``r = 16``,
-    ``L = 32``; the FC layers are bias-free 1x1 convs (BN follows ``W``).
+    Li et al., *Selective Kernel Networks*, CVPR 2019. *Split*: ``M`` grouped 3x3
+    conv + BN + ReLU branches, branch ``m`` dilated by ``dilations[m]`` (the paper's 5x5 is
+    its dilated 3x3). *Fuse*: ``s = GAP(sum_m U_m)``, ``z = ReLU(BN(W s))``, ``W: C -> d``,
+    ``d = max(C / r, L)``. *Select*: ``a_m = softmax_m(A_m z)`` per channel, ``V = sum_m a_m
+    U_m``. SK has its own convolutions: a drop-in for a 3x3 conv (SKNet's bottleneck), not a
+    gate after one. Shapes: ``(B, C, H, W) -> (B, out_channels, H / stride, W / stride)``.
 
-    SK *transforms*: it has its own convolutions, so it is a drop-in replacement for a
-    3x3 conv (as in SKNet's bottleneck), not a gate added after one. ``out_channels``
-    defaults to ``channels`` and ``stride`` to 1, so by default the shape is kept.
-    Parameter names follow timm's ``SelectiveKernel`` with ``split_input=False``
-    (``paths.{m}.conv``, ``paths.{m}.bn``, ``attn.fc_reduce``, ``attn.bn``,
-    ``attn.fc_select``), so such a state dict loads as is (timm's ``skresnext50_32x4d``
-    is this configuration; its ``d`` is ``max(C/16, 32)`` rounded to a multiple of 32,
-    which equals ours for power-of-two widths).
-
-    Fast path: one FC for all branches' logits, a softmax over the branch axis, the
-    pooled descriptor as the sum of per-branch means (``U`` is never materialised), and
-    the weighted sum as ``M`` fused multiply-adds (``addcmul``): stacking the branches to
-    ``(B, M, C, H, W)`` for one product-and-sum copies every map and measured 8-10x slower
-    on CPU, 1.4-2.4x on an H100. Explicit path: Eq. 1-6 as written (``U``, its GAP,
-    ``A_m z`` per branch, the exponentials normalised by hand). The branch convs stay
-    separate: their dilations differ, and one grouped 5x5 conv holding both (2.8x the
-    multiply-adds, and each branch still needs its own BN) measured 1.03-1.4x slower on
-    CPU and between 1.5x faster and 3x slower on an H100.
-
-    Deviation: the number of groups is ``gcd(channels, out_channels, groups)``, so narrow
-    or odd widths work (the paper's ``G = 32`` needs ``C`` divisible by 32; widths that
-    are multiples of 32 are unchanged). In training mode, BatchNorm on the ``(B, d, 1, 1)``
-    descriptor needs ``B > 1`` (as in the paper and timm).
-
-    Shapes: ``(B, C, H, W) -> (B, out_channels, H / stride, W / stride)``. Records the
-    ``(B, M, C, 1, 1)`` branch weights.
+    Args (paper defaults): ``channels``; ``out_channels`` (``channels``); ``dilations``
+    ``(1, 2)`` (``M = 2``); ``groups`` ``G = 32``; ``reduction`` ``r = 16``; ``min_dim``
+    ``L = 32``; ``stride`` 1.
+    Cost: ``2·B·C²·H·W·9·M/G`` (branch convs) ``+ B·C·H·W·(2M + 1)`` (fuse, select)
+    ``+ 2·B·C·d·(M + 1)``.
+    Parameter names are timm's ``SelectiveKernel`` with ``split_input=False`` (``paths.{m}``,
+    ``attn.fc_reduce``, ``attn.bn``, ``attn.fc_select``; bias-free 1x1 FCs, BN after ``W``),
+    so its state dicts load; timm's ``skresnext50_32x4d`` rounds ``d`` to a multiple of 32,
+    equal to ours for power-of-two widths. Deviation: ``gcd(channels, out_channels, groups)``
+    groups, so narrow or odd widths work (multiples of 32 unchanged). In training, BN on the
+    ``(B, d, 1, 1)`` descriptor needs ``B > 1`` (as in the paper and timm).
+    attn_impl: ``auto`` (pooled sum of branch means, one FC, ``addcmul``), ``explicit``
+    (Eq. 1-6 as written, records ``(B, M, C, 1, 1)``); measured, with the formulations not
+    taken, in benchmarks/conv_attention.md.
     """
 
     layout = "map"
@@ -147,7 +135,12 @@ class SelectiveKernel(AttentionModule):
         self.check_input(x, self.channels)
         branches = [self._branch(path, x) for path in self.paths]  # M x (B, C, H, W)
         M, C = len(branches), self.out_channels
+        # the branch convs stay separate: their dilations differ, and one grouped 5x5 conv
+        # holding both does 2.8x the multiply-adds and still needs a BN per branch
         if self.use_fused:
+            # U is never formed: its mean is the sum of the branch means; one FC gives every
+            # branch's logits, softmax over the branch axis; the weighted sum is M fused
+            # multiply-adds, since stacking to (B, M, C, H, W) would copy every map
             s = torch.stack([u.mean((2, 3), keepdim=True) for u in branches], 0).sum(0)
             logits = self.attn.fc_select(self.attn.compact(s))  # (B, M*C, 1, 1)
             weights = logits.unflatten(1, (M, C)).softmax(1)  # (B, M, C, 1, 1)

@@ -32,15 +32,15 @@ __all__ = ["SqueezeExcite", "EfficientChannelAttention", "eca_kernel_size"]
 class SqueezeExcite(AttentionModule):
     """Squeeze-and-Excitation (Hu et al. CVPR 2018 / TPAMI 2020, Eq. 2-4).
 
-    ``s = sigmoid(W2 relu(W1 GAP(x)))``, ``y = s * x`` with ``W1: C -> C/r`` and
-    ``W2: C/r -> C``; reduction ``r = 16`` and biased fully-connected layers as in the
-    official (Caffe) release; parameter names ``fc.0`` / ``fc.2`` follow the common
-    PyTorch port. SE has a single path: it builds no attention matrix and nothing to
-    fuse beyond the pooled descriptor (``mean`` over H, W, channels_last friendly).
-    Deviation: the hidden width is ``max(1, C // r)`` so that narrow maps (C < r) still
-    work, where the official layer would build a zero-width layer.
-
-    Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Records the ``(B, C, 1, 1)`` channel weights.
+    Hu et al., *Squeeze-and-Excitation Networks*, CVPR 2018 / TPAMI 2020, Eq. 2-4:
+    ``s = sigmoid(W2 relu(W1 GAP(x)))``, ``y = s * x`` with ``W1: C -> C/r``, ``W2: C/r -> C``.
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Args: ``channels``; ``reduction`` ``r = 16``
+    (paper). Cost: ``B·C·H·W`` (pool) ``+ 4·B·C²/r`` (MLP) ``+ B·C·H·W`` (scale).
+    Biased fully-connected layers as in the official (Caffe) release; parameter names
+    ``fc.0`` / ``fc.2`` follow the common PyTorch port. Deviation: hidden width
+    ``max(1, C // r)``, so narrow maps (C < r) work where the official layer would be empty.
+    attn_impl: ``auto`` and ``explicit`` are one path (no attention matrix, nothing to fuse
+    beyond the pooled ``mean``, channels_last friendly); records the ``(B, C, 1, 1)`` weights.
     """
 
     layout = "map"
@@ -79,11 +79,14 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
 class EfficientChannelAttention(AttentionModule):
     """ECA (Wang et al. CVPR 2020): a ``k``-tap 1-D conv across pooled channels.
 
-    ``w = sigmoid(conv1d_k(GAP(x)))``, ``y = w * x``; ``k`` adapts to ``C`` by Eq. 12 with
-    ``gamma = 2, b = 1`` unless ``kernel_size`` is given; the conv has no bias and pads
-    ``(k - 1) // 2`` as in the official code (parameter name ``conv.weight``).
-
-    Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Records the ``(B, C, 1, 1)`` channel weights.
+    Wang et al., *ECA-Net: Efficient Channel Attention for Deep Convolutional Neural
+    Networks*, CVPR 2020: ``w = sigmoid(conv1d_k(GAP(x)))``, ``y = w * x``.
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Args: ``channels``; ``kernel_size`` (odd; None:
+    ``k`` adapts to ``C`` by Eq. 12 with ``gamma``, ``b``, the paper's 2 and 1).
+    Cost: ``B·C·H·W`` (pool) ``+ 2·B·C·k`` (1-D conv) ``+ B·C·H·W`` (scale).
+    The conv has no bias and pads ``(k - 1) // 2``, as in the official code (parameter name
+    ``conv.weight``). attn_impl: ``auto`` and ``explicit`` are one path; records the
+    ``(B, C, 1, 1)`` weights.
     """
 
     layout = "map"

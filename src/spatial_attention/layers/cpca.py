@@ -35,19 +35,15 @@ class DepthwisePyramid(AttentionModule):
     """Base of CPCA and CPMS: the multi-scale depthwise branch. Not registered itself.
 
     ``S(F) = D + sum_k V_k(H_k(D))`` with ``D = DW5x5(F)``, ``H_k`` a depthwise ``1 x k``
-    and ``V_k`` a depthwise ``k x 1`` conv (CPCA, Huang et al. 2024: the spatial
-    attention before its 1x1 channel-mixing conv). Every conv is biased, as in the official code.
+    and ``V_k`` a depthwise ``k x 1`` conv (CPCA, Huang et al. 2024: the spatial attention
+    before its 1x1 channel-mixing conv). Every conv is biased, as in the official code.
 
     One path for both modes: each strip is its own native depthwise conv. Batching the
-    strips (kernels zero-padded to the widest, run as one depthwise conv with ``n``
-    outputs per channel, then one grouped conv, or one depthwise conv and a sum, back)
-    does the same math with ``n * max(k)`` instead of ``sum(k)`` taps. Measured at
-    ``(8, 64, 56, 56)`` and ``(8, 256, 20, 20)`` (``benchmarks/conv_attention_cpca_sk.py``),
-    the per-strip convs are 1.1-8x faster on CPU (NCHW and channels-last) and 1.3-29x
-    faster on an H100, except channels-last ``(8, 64, 56, 56)`` on the H100, where the
-    batched depthwise-and-sum was 5-60% faster over runs (NCHW per-strip is 4.5x faster
-    than either there). The modules' fused paths batch what does batch (the channel
-    descriptors through the MLP).
+    strips (kernels zero-padded to the widest, one depthwise conv with ``n`` outputs per
+    channel, then one grouped conv, or one depthwise conv and a sum) does the same math with
+    ``n * max(k)`` instead of ``sum(k)`` taps and was slower on CPU and, in all but one
+    layout, on an H100 (measured in benchmarks/conv_attention.md). The modules' fused paths
+    batch what does batch (the channel descriptors through the MLP).
     """
 
     def _build_pyramid(self, channels: int, kernel_sizes: Sequence[int]) -> None:
@@ -121,28 +117,29 @@ class _ChannelPrior(nn.Module):
 class ChannelPriorConvAttention(DepthwisePyramid):
     """CPCA (Huang et al., Computers in Biology and Medicine 2024), as the official code.
 
-    Following ``RepBlock`` of the official CPCANet release (Cuthbert-Huang/CPCANet), one
-    biased 1x1 conv ``P`` (``conv``) is *shared* by three steps::
+    Huang et al., *Channel prior convolutional attention for medical image
+    segmentation*, Comput. Biol. Med. 2024. Following ``RepBlock`` of the official CPCANet
+    release (Cuthbert-Huang/CPCANet), one biased 1x1 conv ``P`` (``conv``) serves 3 steps::
 
-        X  = GELU(P(x))                                   input projection
+        X  = GELU(P(x))                                          input projection
         Ca = sigmoid(MLP(AvgPool X)) + sigmoid(MLP(MaxPool X))   (B, C, 1, 1)
-        F  = Ca * X                                       the channel prior
+        F  = Ca * X                                              the channel prior
         D  = DW5x5(F);  S = D + sum_k DW_kx1(DW_1xk(D)),  k in (7, 11, 21)
-        Sa = P(S)                                         spatial attention (B, C, H, W)
-        y  = P(Sa * F)                                    refined features, projected
+        y  = P(P(S) * F)                                         spatial attention P(S)
 
-    Faithful to the code where it differs from the paper's text: the two pooled branches
-    are squashed separately and summed (so ``Ca`` lies in (0, 2)), the spatial attention
-    has no sigmoid, and the same ``P`` projects in, mixes the pyramid and projects out.
-    Parameter names are the official ones (``ca.fc1``, ``ca.fc2``, ``dconv5_5``,
-    ``dconv1_7``, ``dconv7_1``, ..., ``conv``), so an official ``RepBlock`` state dict
-    loads as is; :func:`official_cpca_state_dict` strips the CPCANet prefix
-    (``...blocks.0.repmlp_block.``) and :meth:`from_official` builds and loads in one step.
-    Deviation: the MLP width is ``max(1, C // reduction)`` so that ``C < reduction`` works.
-
-    Shapes: ``(B, C, H, W) -> (B, C, H, W)``, any ``H, W`` (all convs are "same").
-    Records the ``(B, C, 1, 1)`` channel prior, then the ``(B, C, H, W)`` spatial
-    attention (the latest record, which ``spatial_map`` averages over channels).
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``, any ``H, W``. Args: ``channels``,
+    ``reduction`` 4 (channel MLP), ``kernel_sizes`` ``(7, 11, 21)`` (strip pairs).
+    Cost: ``6·B·C²·H·W`` (``P``, 3 uses) ``+ 2·B·C·H·W·(25 + 2·(7+11+21))`` (depthwise)
+    ``+ 8·B·C²/r`` (MLP).
+    Faithful to the code where it differs from the paper's text: the pooled branches are
+    squashed separately and summed (``Ca`` in (0, 2)), the spatial attention has no sigmoid,
+    one ``P`` projects in, mixes the pyramid and projects out. Official names (``ca.fc1``,
+    ``ca.fc2``, ``dconv5_5``, ``dconv1_7``, ..., ``conv``): a ``RepBlock`` state dict loads;
+    :func:`official_cpca_state_dict` strips the CPCANet prefix, :meth:`from_official` builds
+    and loads. Deviation: MLP width ``max(1, C // reduction)``, so ``C < reduction`` works.
+    attn_impl: ``auto`` (channel MLP batched over both pooled descriptors), ``explicit``;
+    records ``Ca``, then the ``(B, C, H, W)`` spatial attention (which ``spatial_map``
+    averages). Measured in benchmarks/conv_attention.md.
     """
 
     layout = "map"

@@ -2,9 +2,24 @@
 
 CPMS was published as an upgrade of CBAM for YOLOv8 (road-defect detection, mAP50 0.80
 -> 0.874 against CBAM's 0.822) as "multi-scale channel attention + multi-scale
-depthwise-separable-convolution spatial attention", without code. This module is *our
-reconstruction* from that description; see the class docstring for what was chosen and
-why. Its spatial half is CPCA's depthwise pyramid (``layers/cpca.py``).
+depthwise-separable-convolution spatial attention", without code and without equations.
+This module is *our reconstruction* from that description; what was chosen and why:
+
+* **Multi-scale channel attention** is MS-CAM (Dai et al., Attentional Feature Fusion,
+  WACV 2021: a pointwise-bottleneck channel context at the pixel scale plus one at the
+  global scale, summed before the sigmoid), the module that goes by this name in the
+  YOLO literature, with CBAM's two changes kept: one MLP shared by all scales, and a
+  max-pooled global descriptor next to the average-pooled one (``r = 16`` as in CBAM; no
+  BatchNorm, as in CBAM's MLP). The pixel scale is what CBAM lacks: a defect covering a
+  few pixels moves its own channel gate, where a global descriptor dilutes it.
+* **Multi-scale depthwise-separable spatial attention** is CPCA's spatial branch (a 5x5
+  depthwise conv, three depthwise strip pairs 1x7/7x1, 1x11/11x1, 1x21/21x1, summed: the
+  depthwise half; a 1x1 conv ``conv``: the pointwise half; ``layers/cpca.py``'s
+  :class:`~.cpca.DepthwisePyramid`), applied to the channel prior as in CPCA, so the
+  spatial map is per channel.
+* As a drop-in for CBAM it stays a pure gate: both maps are sigmoids and the output is
+  the input rescaled, with no input/output projection (CPCA's shared 1x1 and GELU belong
+  to CPCANet's block, not to the attention CBAM is compared with).
 """
 
 from __future__ import annotations
@@ -66,42 +81,26 @@ class _MultiScaleChannelGate(nn.Module):
 class ChannelPriorMultiScaleAttention(DepthwisePyramid):
     """CPMS, reconstructed: a multi-scale channel gate, then a CPCA-style spatial gate.
 
-    The published description ("multi-scale channel attention + multi-scale
-    depthwise-separable-convolution spatial attention", an upgrade of CBAM) names two
-    parts and no equations, so both are our choices (a reconstruction, not the authors'
-    code)::
+    The published description (a CBAM upgrade for YOLOv8) names two parts and no equations,
+    so both are our choices, not the authors' code (the reasons: module docstring)::
 
-        Mc = sigmoid(MLP(X) + MLP(AvgPool X) + MLP(MaxPool X))     (B, C, H, W)
+        Mc = sigmoid(MLP(X) + MLP(AvgPool X) + MLP(MaxPool X))     (B, C, H, W), MS-CAM + CBAM
         F  = Mc * X                                                 channel prior
-        D  = DW5x5(F);  S = D + sum_k DW_kx1(DW_1xk(D)),  k in (7, 11, 21)
+        D  = DW5x5(F);  S = D + sum_k DW_kx1(DW_1xk(D)),  k in (7, 11, 21)      CPCA's pyramid
         Ms = sigmoid(PW(S))                                         (B, C, H, W)
         y  = Ms * F
 
-    * **Multi-scale channel attention** is MS-CAM (Dai et al., Attentional Feature Fusion,
-      WACV 2021: a pointwise-bottleneck channel context at the pixel scale plus
-      one at the global scale, summed before the sigmoid), the module that goes by this
-      name in the YOLO literature, with CBAM's two changes kept: one MLP shared by all
-      scales, and a max-pooled global descriptor next to the average-pooled one
-      (``r = 16`` as in CBAM; no BatchNorm, as in CBAM's MLP). The pixel scale is what
-      CBAM lacks: a defect covering a few pixels moves its own channel gate, where a
-      global descriptor dilutes it.
-    * **Multi-scale depthwise-separable spatial attention** is CPCA's spatial branch (a
-      5x5 depthwise conv, three depthwise strip pairs 1x7/7x1, 1x11/11x1, 1x21/21x1,
-      summed: the depthwise half; a 1x1 conv ``conv``: the pointwise half), applied to
-      the channel prior as in CPCA, so the spatial map is per channel.
-    * As a drop-in for CBAM it stays a pure gate: both maps are sigmoids and the output is
-      the input rescaled, with no input/output projection (CPCA's shared 1x1 and GELU
-      belong to CPCANet's block, not to the attention CBAM is compared with).
-
-    Fast path: the three channel terms cost one pixel MLP, not three (``fc1`` and
-    ``fc2`` are affine, so the average-pooled term reuses the pixel term's hidden map
-    and ``fc2`` runs once on the summed hidden maps); the explicit path runs the three
-    MLPs of the formula. The depthwise pyramid has one path (see ``DepthwisePyramid``).
-    Parameter names: ``ca.fc1``, ``ca.fc2``, ``dconv5_5``, ``dconv1_k``/``dconvk_1``,
-    ``conv``. Hidden width ``max(1, C // reduction)``.
-
-    Shapes: ``(B, C, H, W) -> (B, C, H, W)``, any ``H, W``. Records the ``(B, C, H, W)``
-    channel gate, then the ``(B, C, H, W)`` spatial gate.
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``, any ``H, W``. Args: ``channels``,
+    ``reduction`` 16 (as CBAM), ``kernel_sizes`` ``(7, 11, 21)`` (strip pairs).
+    Cost: ``4·B·C²·H·W/r`` (pixel MLP) ``+ 2·B·C·H·W·(25 + 2·(7+11+21))`` (depthwise)
+    ``+ 2·B·C²·H·W`` (pointwise) ``+ 4·B·C·H·W`` (gates).
+    Parameter names: ``ca.fc1``, ``ca.fc2`` (biased 1x1 convs ``C -> C/r -> C``),
+    ``dconv5_5``, ``dconv1_k``/``dconvk_1``, ``conv``; hidden width ``max(1, C // reduction)``.
+    attn_impl: ``auto`` (one pixel MLP for the three terms: ``fc1``, ``fc2`` are affine, so
+    the average-pooled term reuses the pixel term's hidden map and ``fc2`` runs once on the
+    summed hidden maps), ``explicit`` (the three MLPs of the formula); the pyramid has one
+    path. Records the channel gate, then the spatial gate, both ``(B, C, H, W)``; measured in
+    benchmarks/conv_attention.md.
     """
 
     layout = "map"

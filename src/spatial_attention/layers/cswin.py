@@ -51,28 +51,27 @@ class LePE(nn.Module):
 class CSWinAttention(AttentionModule):
     """Cross-shaped window self-attention with LePE (Dong et al. CVPR 2022, Eq. 1-5).
 
-    ``qkv`` maps ``C -> 3C``; channels ``[:C/2]`` of q, k, v go to the vertical-stripe
-    branch (``attns.0``, stripes ``H x sw``), ``[C/2:]`` to the horizontal one
-    (``attns.1``, stripes ``sw x W``), each with ``num_heads / 2`` heads of width ``C /
-    num_heads``; inside a stripe ``softmax(q k^T * scale) v + LePE(v)``; the two halves
-    are concatenated and projected by ``proj``. With ``last_stage=True`` one branch of
-    all heads attends over the whole map (the reference's last stage, where the map is
-    ``sw x sw``). Parameter names are the reference's (``qkv``, ``attns.{i}.get_v``,
-    ``proj``); in a CSWin block they sit directly in the block (see
-    :mod:`spatial_attention.models.cswin`).
-
-    Any ``H, W`` (the reference asserts a square map of the size fixed at
-    construction): each branch pads its stripes' short side to a multiple of ``sw`` with
-    zero q, k, v, masks the padded keys out of the softmax and crops the output. Zero
-    values are also what LePE's zero padding sees at a stripe border, so real tokens at
-    a padded border get the same encoding as at any other border.
-
-    Fast path: one ``F.scaled_dot_product_attention`` per branch over all stripes of
-    the batch. Explicit path: the softmax written out, recorded per branch.
-
-    Shapes: ``(B, H, W, C) -> (B, H, W, C)``. Cost: ``8 B N C^2`` (qkv, proj) ``+ 2 B N
-    sw (H + W) C`` (attention: each half-width branch attends over ``sw H`` or ``sw W``
-    keys) ``+ 18 B N C`` (LePE).
+    Dong et al., *CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped
+    Windows*, CVPR 2022, Sec. 3.2 Eq. 1-3, LePE Sec. 3.3 Eq. 4-5. ``qkv`` maps ``C -> 3C``;
+    channels ``[:C/2]`` go to the vertical-stripe branch (``attns.0``, stripes ``H x sw``),
+    ``[C/2:]`` to the horizontal one (``attns.1``, ``sw x W``), each with ``num_heads / 2``
+    heads of width ``C / num_heads``; in a stripe ``softmax(q k^T * scale) v + LePE(v)``; the
+    halves are concatenated and projected by ``proj``.
+    Shapes: ``(B, H, W, C) -> (B, H, W, C)``, any ``H, W``. Args: ``dim``, ``num_heads``;
+    ``split_size`` ``sw`` 7; ``last_stage`` (one branch of all heads over the whole map, the
+    reference's ``sw x sw`` last stage); ``qkv_bias``; ``scale`` (None: ``d^-0.5``);
+    ``attn_drop``, ``proj_drop``.
+    Cost: ``8·B·N·C²`` (qkv, proj) ``+ 2·B·N·sw·(H + W)·C`` (each half-width branch attends
+    over ``sw·H`` or ``sw·W`` keys) ``+ 18·B·N·C`` (LePE).
+    Reference parameter names (``qkv``, ``attns.{i}.get_v``, ``proj``; in a CSWin block they
+    sit in the block, see :mod:`spatial_attention.models.cswin`). Deviation: the reference
+    asserts a square map of the size fixed at construction; here each branch pads its
+    stripes' short side to a multiple of ``sw`` with zero q, k, v, masks the padded keys and
+    crops. Zero values are what LePE's zero padding sees at a stripe border anyway, so real
+    tokens at a padded border get the same encoding as at any other border.
+    attn_impl: ``auto``, ``sdpa``, ``kept_probs`` (one call per branch over all stripes of
+    the batch), ``explicit`` (softmax written out, recorded per branch); measured in
+    benchmarks/boat.md.
     """
 
     attn_impls = ("auto", "explicit", "sdpa", "kept_probs")

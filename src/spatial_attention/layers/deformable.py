@@ -63,25 +63,26 @@ def _check_int(name: str, **values: Any) -> None:
 class DeformableConv2d(AttentionModule):
     """Deformable convolution, v1 (Dai et al. 2017) or modulated v2 (Zhu, Hu, Lin, Dai 2019).
 
-    ``y(p) = sum_k w_k * m_k(p) * x(p * s - pad + p_k * dil + delta_p_k(p))`` with
-    bilinear sampling (zero outside the map), ``m_k = 1`` in v1. ``conv_offset`` (a
-    ``kernel_size`` convolution with this layer's stride, padding and dilation, zero
-    initialised as in both papers, so training starts from a plain convolution) predicts
-    ``2 * G * K`` offsets (v1) or ``3 * G * K`` channels: the first ``2 * G * K`` are the
-    offsets in torchvision's ``(G, K, (dy, dx))`` order and the last ``G * K`` go
-    through a sigmoid to give ``m_k`` (v2). Parameter names are mmcv's
-    ``DeformConv2dPack`` / ``ModulatedDeformConv2dPack`` ones (``weight``, ``bias``,
-    ``conv_offset.weight``, ``conv_offset.bias``); the kernel follows
-    ``torchvision.ops.deform_conv2d`` (see :func:`..functional.sampling.deform_conv2d`).
-    Deviation: ``bias=True`` by default (torchvision's default; mmcv's v1 has none).
-
-    Fast path: four gathers (one per bilinear corner) of all taps at once, then one
-    grouped matmul. Explicit path: the sum over taps, one tap at a time; records the
-    offsets (and, v2, the modulation).
-
-    Shapes: ``(B, C, H, W) -> (B, out_channels, Ho, Wo)``; with the defaults (stride 1,
-    ``padding = dilation * (kernel_size - 1) // 2``, ``out_channels = channels``) the
-    output is the input's shape, for any ``H, W``.
+    Dai et al., *Deformable Convolutional Networks*, ICCV 2017 (``deformable_conv``); Zhu,
+    Hu, Lin, Dai, *Deformable ConvNets v2: More Deformable, Better Results*, CVPR 2019
+    (``modulated_deformable_conv``): ``y(p) = sum_k w_k * m_k(p) * x(p * s - pad + p_k * dil
+    + delta_p_k(p))``, bilinear sampling (zero outside the map), ``m_k = 1`` in v1.
+    Shapes: ``(B, C, H, W) -> (B, out_channels, Ho, Wo)``; with the defaults the input's shape
+    for any ``H, W``. Args: ``channels``; ``out_channels`` (``channels``); ``kernel_size`` 3;
+    ``stride`` 1; ``padding`` (None: ``dilation * (kernel_size - 1) // 2``); ``dilation`` 1;
+    ``groups``, ``deform_groups`` ``G`` 1; ``bias`` True; ``modulated`` (v2).
+    Cost (``K`` taps): ``2·B·Ho·Wo·K·C·(2G + Cout/groups)`` (offset conv, taps; ``3G`` in v2)
+    ``+ 8·B·Ho·Wo·K·C`` (bilinear).
+    ``conv_offset`` (a ``kernel_size`` conv with this layer's stride, padding and dilation,
+    zero-initialised as in both papers, so training starts from a plain convolution) predicts
+    ``2·G·K`` offsets in torchvision's ``(G, K, (dy, dx))`` order, plus in v2 ``G·K``
+    channels through a sigmoid for ``m_k``. Names are mmcv's ``DeformConv2dPack`` /
+    ``ModulatedDeformConv2dPack`` ones (``weight``, ``bias``, ``conv_offset.*``); the kernel
+    follows ``torchvision.ops.deform_conv2d`` (:func:`..functional.sampling.deform_conv2d`).
+    Deviation: ``bias=True`` by default (torchvision's; mmcv's v1 has none).
+    attn_impl: ``auto`` (four corner gathers of all taps, one grouped matmul), ``explicit``
+    (the sum over taps, one at a time; records the offsets and, v2, the modulation);
+    measured in benchmarks/generalized_attention.md.
     """
 
     def __init__(
@@ -218,26 +219,23 @@ class DeformableConv2d(AttentionModule):
 class DynamicConv2d(AttentionModule):
     """Dynamic convolution (Wu et al. ICLR 2019, DynamicConv) on ``(B, C, H, W)`` maps.
 
-    At every position ``p`` a kernel over the ``k x k`` window (dilated by
-    ``dilation``) is predicted from the query content, ``W(p) = softmax_k(weight_linear
-    (x_p))`` (``heads * K`` outputs, one kernel per head; ``weight_softmax`` as in the
-    paper), and shared by the ``C / heads`` channels of its head:
-    ``y_c(p) = sum_k W(p)_(h(c), k) x_c(p + r_k)``. In Zhu et al.'s terms this is
-    attention whose weight depends on query content and relative position only (E2),
-    over a local window. ``weight_linear`` is fairseq's name (a 1x1 convolution here,
-    Xavier-uniform weights, zero bias); ``conv_bias`` adds fairseq's optional per-channel
-    bias. The input/output projections of Wu et al.'s block are the caller's.
-
-    Borders: the window is zero padded; with ``renorm_padding=True`` (the default here,
-    the house rule of masking padding out of the softmax; fairseq's option of the same
-    name defaults to False) taps outside the map get no weight and the softmax is over
-    the taps inside; with False they take weight and read zeros.
-
-    Fast path: the sum over the ``K`` shifted views of the zero-padded map, each times
-    its tap's weight map. Explicit path: every window written out (``F.unfold``) and
-    weighted per position; records the kernels.
-
-    Shapes: ``(B, C, H, W) -> (B, C, H, W)``, any ``H, W``.
+    Wu et al., *Pay Less Attention with Lightweight and Dynamic Convolutions*, ICLR 2019, on
+    2-D maps: at every position ``p`` a kernel over the ``k x k`` window (dilated) is
+    predicted from the query, ``W(p) = softmax_k(weight_linear(x_p))`` (``heads·K`` outputs,
+    one kernel per head), shared by the ``C / heads`` channels of its head:
+    ``y_c(p) = sum_k W(p)_(h(c), k) x_c(p + r_k)``; in Zhu et al.'s terms, E2 over a window.
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``, any ``H, W``. Args: ``channels``;
+    ``kernel_size`` 3; ``num_heads`` 8; ``dilation`` 1; ``weight_softmax`` True (paper);
+    ``renorm_padding`` (below); ``bias`` of ``weight_linear``; ``conv_bias`` (fairseq's
+    optional per-channel bias); ``weight_dropout``. Cost: ``2·B·H·W·C·heads·K`` (kernel prediction)
+    ``+ 2·B·H·W·C·K`` (aggregation), ``K = k²``.
+    ``weight_linear`` is fairseq's name (a 1x1 conv here, Xavier-uniform weights, zero bias); the
+    block's input/output projections are the caller's. Deviation: ``renorm_padding=True``
+    (fairseq's option defaults to False) masks taps outside the map out of the softmax, the
+    house rule for padding; with False they take weight and read zeros.
+    attn_impl: ``auto`` (the sum over ``K`` shifted views of the zero-padded map, each times
+    its tap's weight map), ``explicit`` (every window written out by ``F.unfold``; records the
+    kernels); measured in benchmarks/generalized_attention.md.
     """
 
     def __init__(

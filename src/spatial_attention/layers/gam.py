@@ -148,21 +148,25 @@ def _conv_bn_eval(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
 class GAM(AttentionModule):
     """Global Attention Mechanism (Liu, Shao, Hoffmann 2021): channel, then spatial, no pooling.
 
-    ``x' = Mc(x) * x``, ``y = Ms(x') * x'`` with :class:`GAMChannelAttention` (per-pixel
-    MLP, ``C -> C/r -> C``) and :class:`GAMSpatialAttention` (7x7 conv ``C -> C/r``, BN,
-    ReLU, 7x7 conv ``C/r -> C``, BN), ``r = 4``, both gates sigmoids. ``groups > 1`` gives
-    the paper's ResNet-50 variant (group convolutions, channel shuffle between them).
-
-    Deviations and choices: the widely copied YOLO ``GAM_Attention`` drops the sigmoid of the
-    channel gate (``x * MLP(x)``) and shuffles the spatial *gate* after its sigmoid; this
-    module keeps the paper's sigmoid on both gates (Fig. 2: "followed by a sigmoid") and
-    shuffles between the two group convolutions, where a shuffle lets the second group
-    convolution see every group (the paper names channel shuffle but not its place).
-    Convolution and MLP layers are biased (``nn.Conv2d`` / ``nn.Linear`` defaults, as in the
-    common code; the paper does not say). The hidden width is ``max(1, C // r)``.
-
-    Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Records nothing itself; its two sub-modules
-    record their ``(B, C, H, W)`` gates.
+    Liu, Shao, Hoffmann, *Global Attention Mechanism: Retain Information to Enhance
+    Channel-Spatial Interactions*, arXiv 2112.05561 (2021), Sec. 3, Fig. 2-3:
+    ``x' = Mc(x) * x``, ``y = Ms(x') * x'`` with :class:`GAMChannelAttention` (per-pixel MLP,
+    ``C -> C/r -> C``) and :class:`GAMSpatialAttention` (7x7 conv ``C -> C/r``, BN, ReLU,
+    7x7 conv ``C/r -> C``, BN), both gates sigmoids.
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Args: ``channels``; ``rate`` ``r = 4``
+    (paper); ``groups`` 1 (``> 1``: the paper's ResNet-50 variant, group convolutions with a
+    channel shuffle between them); ``kernel_size`` 7.
+    Cost: ``4·B·H·W·C²/r`` (MLP) ``+ 4·k²·B·H·W·C²/(r·groups)`` (two k x k convs)
+    ``+ 2·B·C·H·W``.
+    Deviations and choices: the widely copied YOLO ``GAM_Attention`` drops the channel gate's
+    sigmoid (``x * MLP(x)``) and shuffles the spatial *gate* after its sigmoid; here both
+    gates keep the paper's sigmoid (Fig. 2: "followed by a sigmoid") and the shuffle sits
+    between the two group convolutions, so the second sees every group (the paper names the
+    shuffle, not its place). Convs and MLP are biased (PyTorch defaults, as the common code;
+    the paper does not say). Hidden width ``max(1, C // r)``.
+    attn_impl: ``auto`` (module docstring: no permute copies, BN folded in eval), ``explicit``;
+    records nothing itself, its two sub-modules their ``(B, C, H, W)`` gates. Measured in
+    benchmarks/conv_attention.md.
     """
 
     layout = "map"

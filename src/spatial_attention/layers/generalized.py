@@ -14,8 +14,40 @@ softmax over keys of a sum of four terms:
 
 The reference implementation is mmcv's ``GeneralizedAttention``; this module keeps its
 constructor arguments, parameter names, initialisation and numerics (but for its E2
-without E4 branch, see ``mmcv_compat``), so an mmcv state dict loads unchanged (see
-:class:`GeneralizedAttention`).
+without E4 branch, see ``mmcv_compat``), so an mmcv state dict loads unchanged. mmcv's
+conventions, all kept:
+
+* no ``1/sqrt(d)`` scaling; keys and values read ``x`` subsampled by ``kv_stride``,
+  queries ``x`` subsampled by ``q_stride`` (mmcv's 1x1 average pools, i.e.
+  ``x[..., ::s, ::s]``), and the output is resized back bilinearly;
+* relative positions are sinusoids of the x and y offsets (in input pixels, times
+  ``position_magnitude``) projected by ``appr_geom_fc_x`` / ``appr_geom_fc_y`` and
+  divided by ``sqrt(2)``: ``E2 = q . (P_x + P_y)``, ``E4 = geom_bias . (P_x + P_y)``,
+  ``E3 = appr_bias . k``;
+* ``spatial_range >= 0`` keeps each query to a local window of keys (mmcv's rule,
+  :func:`local_keep_mask`); ``gamma`` starts at 0, so the module starts as the identity;
+* parameters exist under the same conditions (``query_conv`` iff E1 or E2, ``key_conv``
+  iff E1 or E3, ``appr_geom_fc_x/y`` iff E2 or E4, ``appr_bias`` iff E3, ``geom_bias``
+  iff E4) and are initialised the same way (Kaiming-uniform with ``a=1``, zero biases);
+  mmcv's ``local_constraint_map`` is a fixed 0/1 table, so loading drops that key and
+  the mask is computed for the actual input size.
+
+Fast path (``GeneralizedAttention._fast``). E1, with E3 folded in as ``q + appr_bias``,
+is one attention call (scale 1, the local window as a boolean mask). E2 and E4 are
+separable in the x and y offsets, so for each query they are a row of ``wk`` numbers and
+a column of ``hk`` numbers (batched einsums with ``P_x``, ``P_y``). With E1 they are
+appended to the query vector and matched by one-hot key coordinates appended to the key
+vector, so one batched GEMM yields the whole energy with no broadcast passes over
+``Nq x Nk``; without E1 the energy is their broadcast sum. Either way the scores are
+materialised, so the probabilities are kept for backward and the work runs in
+cache-sized tiles (:func:`~spatial_attention.functional.materialized_attention`). E3
+without E1 is folded into the key projection (``appr_bias^T W_k``: one number per key and
+head); E3 alone (global) keeps mmcv's one-row shortcut; E4 alone shares one set of
+weights across the batch. ``attn_impl="sdpa"`` sends the augmented vectors through fused
+SDPA too, zero-padded to one head width (which the CPU flash kernel needs), so no
+``Nq x Nk`` tensor is formed. Explicit path: each term materialised as its own
+``(B, heads, Nq, Nk)`` energy, summed, masked, softmax; capture records the four terms
+(zeros for terms switched off), then the weights.
 """
 
 from __future__ import annotations
@@ -132,68 +164,31 @@ def local_keep_mask(
     "(B, heads, Nq, Nk) the attention weights",
 )
 class GeneralizedAttention(AttentionModule):
-    """Generalized attention (Zhu et al. ICCV 2019, terms E1-E4), mmcv's formulation.
+    """Generalized attention (Zhu et al. ICCV 2019, terms E1-E4) as mmcv computes it.
 
-    ``out = gamma * proj_conv(concat_m sum_k A_m(q, k) value_conv(x)_k) + x`` with
-    ``A_m = softmax_k(E1 + E2 + E3 + E4)`` over the terms switched on by
-    ``attention_type`` (four bits, E1 E2 E3 E4; all 15 non-empty subsets work). As in
-    mmcv: no ``1/sqrt(d)`` scaling; keys and values read ``x`` subsampled by ``kv_stride``
-    and queries ``x`` subsampled by ``q_stride`` (mmcv's 1x1 average pools, i.e.
-    ``x[..., ::s, ::s]``), the output being resized back bilinearly; relative positions
-    are sinusoids of the x and y offsets (in input pixels, times ``position_magnitude``)
-    projected by ``appr_geom_fc_x`` / ``appr_geom_fc_y`` and divided by ``sqrt(2)``, so
-    ``E2 = q . (P_x + P_y)`` and ``E4 = geom_bias . (P_x + P_y)``; ``E3 = appr_bias . k``;
-    ``spatial_range >= 0`` restricts each query to a local window of keys (mmcv's rule,
-    :func:`local_keep_mask`); ``gamma`` starts at 0, so the module starts as the
-    identity. Head widths are ``in_channels // num_heads`` (mmcv floors, so
-    ``num_heads`` need not divide ``in_channels``).
+    Zhu, Cheng, Zhang, Lin, Dai, *An Empirical Study of Spatial Attention Mechanisms in Deep
+    Networks*, ICCV 2019 (the formula, unnumbered here, and mmcv's conventions: see the
+    module docstring): ``out = x + gamma * proj_conv(concat_m sum_k A_m(q, k)
+    value_conv(x)_k)``, ``A_m`` the softmax over keys of the terms ``attention_type`` turns on.
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``, any ``H, W``.
 
-    mmcv compatibility: the first argument is ``in_channels``; parameters carry mmcv's
-    names and are created under the same conditions (``query_conv`` iff E1 or E2,
-    ``key_conv`` iff E1 or E3, ``appr_geom_fc_x/y`` iff E2 or E4, ``appr_bias`` iff E3,
-    ``geom_bias`` iff E4), initialised the same way (Kaiming-uniform with ``a=1``,
-    zero biases). mmcv's ``local_constraint_map`` is a fixed 0/1 table, so it is not
-    kept: loading an mmcv state dict drops that key and computes the mask for the actual
-    input size. Deviations: mmcv's local range works only for 256 or 512 channels and
-    maps up to 84 or 42 pixels; here it works for any channels and size. With E3 alone
-    and a local range mmcv applies the window of query ``(0, 0)`` to every query (its
-    E3-only shortcut keeps one query row); here each query gets its own window.
-    For E2 without E4 (types ``0100``, ``0110``, ``1100``, ``1110``) this module computes
-    the paper's E2, ``q_(h,w) . (P_x(w, kx) + P_y(h, ky))``; mmcv's branch for these types
-    matches the row term against the query at the transposed position,
-    ``q_(h,w) . P_x(w, kx) + q_(w,h) . P_y(h, ky)`` (a batched matmul over the query
-    columns against one over the query rows), so it differs from the paper on every
-    non-symmetric map and raises on non-square ones. ``mmcv_compat=True`` reproduces
-    that branch exactly for square query maps (and raises a ValueError on non-square
-    ones, where mmcv fails); it changes nothing for the other eleven types, nor mmcv's
-    other deviations listed here.
-
-    Fast path. E1 (with E3 folded in as ``q + appr_bias``) is one fused
-    ``F.scaled_dot_product_attention`` call (scale 1, the local window as a boolean
-    mask). E2 and E4 are separable in the x and y offsets, so for each query they are a
-    row of ``wk`` numbers and a column of ``hk`` numbers (batched einsums with ``P_x``,
-    ``P_y``). With E1, they are appended to the query vector and matched by one-hot key
-    coordinates appended to the key vector, so one batched GEMM yields the whole energy
-    with no broadcast passes over ``Nq x Nk``; the one-hot columns are constants, so
-    backward computes no gradient product for them. Without E1 the energy is their
-    broadcast sum (no product at all). Either way the scores are materialised, so the
-    softmax probabilities are kept for a backward that skips the softmax's own pass, and
-    the work runs in cache-sized tiles of (sample, head) blocks
-    (:func:`~spatial_attention.functional.scoring.materialized_attention`). E3 without
-    E1 is folded into the key projection (``appr_bias^T W_k`` gives one number per key
-    and head). E3 alone (global) keeps mmcv's one-row shortcut; E4 alone shares one
-    set of weights across the batch. ``attn_impl="sdpa"`` sends the augmented
-    vectors through fused SDPA as well (zero-padded to one head width, which the CPU
-    flash kernel needs), so no ``Nq x Nk`` tensor is formed: about two thirds of the
-    default path's peak memory for ``'1111'`` at (2, 256, 32, 32) (30 against 45 MiB),
-    but on CPU 15-30 % slower in forward + backward, since the flash kernel recomputes
-    what the default path keeps (benchmarks/generalized_attention.md), hence off by
-    default.
-    Explicit path: each term materialised as its own ``(B, heads, Nq, Nk)`` energy,
-    summed, masked, softmax; capture records the four terms (zeros for terms switched
-    off) and the weights.
-
-    Shapes: ``(B, C, H, W) -> (B, C, H, W)``, any ``H, W``. Cost: see the registry.
+    Args (mmcv's names and defaults): ``in_channels``; ``num_heads`` 9 (head width
+    ``in_channels // num_heads``, floored, so it need not divide); ``spatial_range`` -1
+    (global) or ``>= 0`` (local window of keys); ``kv_stride`` 2, ``q_stride`` 1;
+    ``position_embedding_dim`` -1 (``in_channels``), ``position_magnitude`` 1;
+    ``attention_type`` ``"1111"`` (bits E1 E2 E3 E4; all 15 non-empty subsets work);
+    ``mmcv_compat`` False (below).
+    Cost: ``2·B·C²·(2Nq + 2Nk)`` (1x1 convs) ``+ 2·B·heads·Nq·Nk·(d + hk + wk + dv)``,
+    ``Nq = HW / q_stride²``, ``Nk = HW / kv_stride²``.
+    Deviations from mmcv: a local range works for any channels and map size (mmcv: 256 or
+    512 channels, maps up to 84 or 42 pixels); E3 alone with a local range gives each query
+    its own window (mmcv's shortcut applies query (0, 0)'s to all); E2 without E4 (``0100``,
+    ``0110``, ``1100``, ``1110``) is the paper's, where mmcv matches the y term against the
+    query at the transposed position: ``mmcv_compat=True`` reproduces that on square query
+    maps (ValueError on others, where mmcv fails) and changes nothing else.
+    attn_impl: ``auto`` = ``kept_probs`` (the scores exist anyway: probabilities kept, tiled),
+    ``explicit`` (each term recorded), ``sdpa`` (no ``Nq x Nk`` tensor: less memory, slower
+    on CPU); measured in benchmarks/generalized_attention.md.
     """
 
     attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
@@ -384,7 +379,7 @@ class GeneralizedAttention(AttentionModule):
                 return (vT @ weights.transpose(-2, -1)).reshape(B, -1, 1, 1)
         if (e2 or e4) and not e1 and self.impl != "sdpa":
             return self._position_only(qT, vT, e3_row, keep, (B, hq, wq, hk, wk))
-        # Every term as one dot product of an augmented query and key (see the class doc):
+        # Every term as one dot product of an augmented query and key (module docstring):
         # [q (+ appr_bias) | 1 | energy_x | energy_y] . [k | e3 | onehot(kx) | onehot(ky)]
         q_parts, k_parts = [], []
         if e1:

@@ -56,10 +56,15 @@ class _TokenAttention(AttentionModule):
 class GlobalAttention(_TokenAttention):
     """Multi-head self-attention over every token of a ``(B, H, W, C)`` map.
 
-    ``softmax(Q K^T / sqrt(d)) V`` per head, then an output projection; parameter names
-    ``qkv`` and ``proj`` as in timm's ``Attention`` (and Twins' and ViT's checkpoints).
-    Fast path: one ``F.scaled_dot_product_attention`` call (flash kernels never build the
-    ``N x N`` matrix); explicit path: the same math written out, weights recorded.
+    Dosovitskiy et al., *An Image is Worth 16x16 Words*, ICLR 2021, Eq. 2-3 (Vaswani et al.
+    2017, Sec. 3.2.2): ``softmax(Q K^T / sqrt(d)) V`` per head, then an output projection.
+    Shapes: ``(B, H, W, C) -> (B, H, W, C)``, ``N = H·W`` tokens. Args: ``dim``,
+    ``num_heads`` 8; ``qkv_bias`` True; ``attn_drop``, ``proj_drop`` dropout.
+    Cost: ``8·B·N·C²`` (projections) ``+ 4·B·N²·C`` (scores, weighting): quadratic in ``N``.
+    Parameter names ``qkv`` and ``proj`` as timm's ``Attention`` (and Twins', ViT's weights).
+    attn_impl: ``auto``, ``sdpa`` (one fused call; flash kernels never build the ``N x N``
+    matrix), ``kept_probs``, ``explicit`` (the same math written out, weights recorded);
+    measured in benchmarks/token_attention.md.
     """
 
     def __init__(
@@ -103,18 +108,20 @@ class GlobalAttention(_TokenAttention):
 class GlobalSubsampledAttention(_TokenAttention):
     """Twins GSA / PVT spatial-reduction attention on ``(B, H, W, C)``.
 
-    ``q = x W_q``; the map is reduced by ``Conv2d(C, C, sr, stride=sr)`` and a
-    LayerNorm, and ``k, v`` come from the reduced tokens (``sr = 1``: no conv, no norm,
-    keys from every token, as in Twins' last stage). Parameter names ``q``, ``kv``,
-    ``sr``, ``norm``, ``proj`` are Twins' and timm's.
-
-    Any ``H, W``: a map whose sides are not multiples of ``sr`` loses its last rows and
-    columns to the strided convolution, exactly as in the official code (PVT and Twins
-    do the same), so every key is still a full ``sr x sr`` patch; maps smaller than
-    ``sr`` are reduced with a kernel clipped to the map (a single key), where the
-    official code would fail.
-
-    Cost: ``N · N/sr²`` scores per head instead of ``N²``.
+    Chu et al., *Twins: Revisiting the Design of Spatial Attention in Vision Transformers*,
+    NeurIPS 2021, Sec. 3.2, Eq. 5 (PVT's spatial-reduction attention, Wang et al. ICCV 2021):
+    ``q = x W_q``; ``k, v`` from the map reduced by ``Conv2d(C, C, sr, stride=sr)`` and a
+    LayerNorm (``sr = 1``: no conv, no norm, keys from every token, as Twins' last stage).
+    Shapes: ``(B, H, W, C) -> (B, H, W, C)``, any ``H, W``. Args: ``dim``, ``num_heads`` 8;
+    ``sr_ratio`` ``sr`` (Twins: 8, 4, 2, 1 by stage); ``qkv_bias``; ``attn_drop``,
+    ``proj_drop``. Cost: ``4·B·N·C²`` (q, proj) ``+ 4·B·(N/sr²)·C²`` (kv) ``+ 2·B·N·C²`` (sr
+    conv) ``+ 4·B·N·(N/sr²)·C`` (scores, weighting): ``N·N/sr²`` scores per head, not ``N²``.
+    Names ``q``, ``kv``, ``sr``, ``norm``, ``proj`` are Twins' and timm's. Sides that are not
+    multiples of ``sr`` lose their last rows and columns to the strided conv, exactly as the
+    official code (every key a full ``sr x sr`` patch). Deviation: a map smaller than ``sr``
+    is reduced with a kernel clipped to the map (one key), where the official code fails.
+    attn_impl: ``auto``, ``sdpa``, ``kept_probs`` (that kernel), ``explicit`` (recorded);
+    measured in benchmarks/token_attention.md.
     """
 
     def __init__(

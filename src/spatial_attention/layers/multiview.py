@@ -35,6 +35,16 @@ reference), stored stacked along a leading view axis, or one set shared by every
 Input and output: a stacked tensor ``(B, V, H, W, C)`` (returned stacked), or the ``V``
 views as separate ``(B, H, W, C)`` arguments (returned as a tuple). Every view must have
 the same size; any ``H, W``: windows are padded and the padding is masked.
+
+Fast path: the views are stacked, so pad + shift + partition is one gather for every
+view, the per-view projections are one batched matmul, and every window of every view
+goes through one computation. ``"self"`` and ``"concat"`` fold the logit scale into the
+normalised queries and make one attention call (scale 1, position bias + shift/padding
+mask as the float mask). ``"mix"`` cannot: its logits are a learned mix of ``2h`` score
+maps, so its fast path computes every self and cross map in one matmul against the
+views' stacked keys, mixes them in one einsum and applies one softmax. The explicit path
+writes the reference's steps out (separate self and cross maps, concatenation over
+heads, a linear map over that axis) and records.
 """
 
 from __future__ import annotations
@@ -142,43 +152,31 @@ def _uniform_(t: Tensor, fan_in: int) -> None:
 class MultiViewWindowAttention(AttentionModule):
     """Window attention of ``V`` views within and across views (MV-Swin-T's W-MDA).
 
+    Sarker et al., *MV-Swin-T: Mammogram Classification with Multi-view Swin Transformer*,
+    2024, Sec. 3 (reference: prithuls/MV-Swin-T ``DynamicAttention_multiview``), on Swin-V2
+    cosine attention (Liu et al. CVPR 2022, Eq. 2); formula and ``mode`` in the module doc.
+    Shapes: ``(B, V, H, W, C) -> (B, V, H, W, C)``, or ``V`` tensors ``(B, H, W, C)`` -> a
+    tuple of ``V``; any ``H, W >= 1``.
+
     Args:
-        dim: channels ``C`` of every view.
-        num_heads: heads ``h``; ``dim`` must be divisible by it.
-        window_size: ``M`` (or ``(Mh, Mw)``); 12 in MV-Swin-T (384 inputs).
-        shift: cyclic shift ``s`` (``0 <= s < M``): 0 is W-MDA, ``M // 2`` SW-MDA
-            (``None`` means ``M // 2``); dropped along an axis the window covers.
-        share_weights: one set of weights for every view (default: one per view, as the
-            reference).
-        num_views: ``V`` (2: CC and MLO).
-        mode: ``"mix"`` (reference), ``"concat"`` or ``"self"`` (see the module doc).
-        qkv_bias: Swin-V2's query and value biases (the key has none).
-        attn_drop, proj_drop: dropout on the weights and on the output.
-        pretrained_window_size: window of pretraining for the coordinate normalisation
-            (0: this window), as Swin-V2.
-        cpb_hidden: width of the position-bias MLP (512).
+        dim, num_heads: channels ``C`` of every view and heads ``h`` (``h`` divides ``C``).
+        window_size: ``M`` or ``(Mh, Mw)``; 12 in MV-Swin-T (384 inputs).
+        shift: ``0 <= s < M``; 0 is W-MDA, ``M // 2`` SW-MDA (``None``: ``M // 2``);
+            dropped along an axis the window covers.
+        share_weights: one weight set for all views (default one per view, as the reference).
+        num_views: ``V`` (2: CC and MLO). mode: ``"mix"`` (reference), ``"concat"``, ``"self"``.
+        qkv_bias: Swin-V2's query and value biases. attn_drop, proj_drop: dropout.
+        pretrained_window_size: for the coordinate normalisation, as Swin-V2 (0: this
+            window). cpb_hidden: width of the position-bias MLP (512).
 
-    Shapes: ``(B, V, H, W, C) -> (B, V, H, W, C)``, or ``V`` tensors ``(B, H, W, C)`` ->
-    a tuple of ``V`` tensors; any ``H, W >= 1``.
-
-    Fast path: the views are stacked, so pad + shift + partition is one gather for every
-    view, the per-view projections are one batched matmul, and every window of every view
-    goes through one computation. ``"self"`` and ``"concat"`` fold the logit scale into
-    the normalised queries and call ``F.scaled_dot_product_attention`` (scale 1, position
-    bias + shift/padding mask as the float mask). ``"mix"`` cannot: its logits are a
-    learned mix of ``2h`` score maps, so its fast path computes every self and cross map
-    in one matmul against the views' stacked keys, mixes them in one einsum and applies
-    one softmax. The explicit path writes the reference's steps out (separate self and
-    cross maps, concatenation over heads, a linear map over that axis) and records.
-
-    Cost (``N = H·W`` tokens per view): ``V·8·B·N·C²`` projections, ``2·V²·B·N·M²·C``
-    scores, ``2·V²·h²·B·N·M²`` mixing (``"mix"``), ``2·V·B·N·M²·C`` weighting
-    (``V`` times that in ``"concat"``).
-
-    Deviations from the reference: padding is masked (the reference needs sizes that are
-    multiples of the window); a window side of 1 gets coordinate 0 instead of 0/0; when a
-    map is no larger than the window the reference shrinks the window to the map, we keep
-    it and mask the padding (the same at the reference's 384 input).
+    Cost (``N = H·W`` per view): ``V·8·B·N·C²`` projections ``+ 2·V²·B·N·M²·C`` scores
+    ``+ 2·V²·h²·B·N·M²`` mixing (``"mix"``) ``+ 2·V·B·N·M²·C`` weighting (``V`` times in
+    ``"concat"``). Deviations from the reference: padding is masked (it needs multiples of
+    the window); a window side of 1 gets coordinate 0 instead of 0/0; a map no larger than
+    the window keeps the window, padded and masked (the reference shrinks it; the same at 384).
+    attn_impl: ``auto``, ``sdpa``, ``kept_probs`` (``"self"`` / ``"concat"``: that kernel;
+    ``"mix"``: one batched score-mix-softmax), ``explicit`` (the reference's steps,
+    recorded); measured in benchmarks/mvswin.md.
     """
 
     attn_impls = ("auto", "explicit", "sdpa", "kept_probs")

@@ -54,15 +54,17 @@ class RelativePositionBias(nn.Module):
 class PositionEncodingGenerator(AttentionModule):
     """Conditional position encoding: ``x + DWConv3x3(x)`` on a ``(B, H, W, C)`` map.
 
-    The position code is generated from the tokens' own neighbourhood, so it follows the
-    input size (no table to interpolate) and zero padding at the borders tells tokens
-    where they are (CPVT, Chu et al. ICLR 2023, Sec. 3.2; Twins applies it after the
-    first block of every stage). Parameter names ``proj.0.weight/bias`` are Twins' and
-    timm's ``PosConv``.
-
-    Fast path: one depthwise ``conv2d`` on the channels-last map. Explicit path: the
-    code written as the sum of nine shifted copies of the zero-padded map, each scaled
-    per channel by its tap; the capture record is the code's mean magnitude per token.
+    Chu et al., *Conditional Positional Encodings for Vision Transformers* (CPVT), ICLR 2023,
+    Sec. 3.2; Twins applies it after the first block of every stage. The code comes from the
+    tokens' own neighbourhood, so it follows the input size (no table to interpolate), and
+    zero padding at the borders tells tokens where they are.
+    Shapes: ``(B, H, W, C) -> (B, H, W, C)``, any ``H, W``. Args: ``dim`` ``C``;
+    ``num_heads`` accepted and ignored (so the token-mixer factories can build it).
+    Cost: ``18·B·H·W·C`` (3x3 depthwise conv) ``+ B·H·W·C`` (residual).
+    Parameter names ``proj.0.weight/bias`` are Twins' and timm's ``PosConv``.
+    attn_impl: ``auto`` (one depthwise ``conv2d`` on the channels-last map), ``explicit`` (the
+    sum of nine shifted copies of the zero-padded map, each scaled per channel by its tap);
+    records the code's mean magnitude per token.
     """
 
     layout = "tokens"

@@ -67,10 +67,14 @@ def _check_qkv(name: str, queries: Tensor, keys: Tensor, values: Tensor) -> None
 class DotProductAttention(AttentionModule):
     """Dot-product attention ``softmax(q k^T [/ sqrt(d)]) v`` with ``valid_lens`` masking.
 
-    Shapes: queries ``(B, Q, d)``, keys ``(B, K, d)``, values ``(B, K, dv)`` ->
-    ``(B, Q, dv)``. ``scaled=True`` is Vaswani et al. 2017, Eq. 1; ``scaled=False`` is
-    Luong et al.'s dot score. Dropout acts on the attention weights, in training only.
-    Cost: ``2 B Q K (d + dv)`` FLOPs. Records the ``(B, Q, K)`` weights.
+    ``scaled=True`` (``scaled_dot_product``) is Vaswani et al., *Attention Is All You Need*,
+    NeurIPS 2017, Eq. 1; ``scaled=False`` (``dot_product``) is Luong et al.'s dot score
+    (EMNLP 2015). ``forward(queries, keys, values, valid_lens=None)``: ``(B, Q, d)``,
+    ``(B, K, d)``, ``(B, K, dv)`` -> ``(B, Q, dv)``; ``valid_lens`` ``(B,)`` or ``(B, Q)``
+    (d2l.ai's masking). Args: ``scaled``; ``dropout`` on the weights, in training only.
+    Cost: ``2·B·Q·K·(d + dv)``.
+    attn_impl: ``auto``, ``sdpa``, ``kept_probs`` (that kernel), ``explicit`` (records the
+    ``(B, Q, K)`` weights).
     """
 
     attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
@@ -136,15 +140,16 @@ class DotProductAttention(AttentionModule):
 class AdditiveAttention(AttentionModule):
     """Additive (Bahdanau) attention: ``a(q, k) = w_v^T tanh(W_q q + W_k k)``.
 
-    Bahdanau et al. ICLR 2015, appendix A.1.2 (``e_ij = v_a^T tanh(W_a s_{i-1} + U_a
-    h_j)``), with d2l.ai's bias-free projections and ``valid_lens`` masking.
-
-    Shapes: queries ``(B, Q, query_dim)``, keys ``(B, K, key_dim)``, values
-    ``(B, K, dv)`` -> ``(B, Q, dv)``. Cost: ``2 B Q K h`` for the tanh features, which
-    dominate and which no fused kernel computes. So this mechanism has one path: the
-    explicit math is also the fast one (handing the scores to SDPA as an additive mask
-    was measured no faster on CPU, fwd+bwd at (8, 28 x 784, 64)). Records the
-    ``(B, Q, K)`` weights.
+    Bahdanau et al., *Neural Machine Translation by Jointly Learning to Align and Translate*,
+    ICLR 2015, appendix A.1.2 (``e_ij = v_a^T tanh(W_a s_{i-1} + U_a h_j)``), with d2l.ai's
+    bias-free projections and ``valid_lens`` masking (``(B,)`` or ``(B, Q)``).
+    Shapes: queries ``(B, Q, query_dim)``, keys ``(B, K, key_dim)``, values ``(B, K, dv)``
+    -> ``(B, Q, dv)``. Args: ``query_dim``, ``key_dim``, ``hidden_dim`` ``h``; ``dropout``
+    on the weights. Cost: ``2·B·Q·K·h`` (tanh features) ``+ 2·B·(Q·dq + K·dk)·h +
+    2·B·Q·K·dv``.
+    attn_impl: ``auto`` and ``explicit`` are one path: the tanh features dominate and no fused
+    kernel computes them (handing the scores to SDPA as a mask was no faster: measured in
+    benchmarks/sequence_attention.md). Records the ``(B, Q, K)`` weights.
     """
 
     layout = "sequence"
@@ -207,13 +212,18 @@ class AdditiveAttention(AttentionModule):
 class MultiHeadAttention(AttentionModule):
     """Multi-head attention on ``(B, N, C)`` (Vaswani et al. 2017, Sec. 3.2.2).
 
-    ``MultiHead(Q, K, V) = Concat(head_1..head_h) W_O``, ``head_i =
-    Attention(Q W_Q^i, K W_K^i, V W_V^i)``, each head of width ``dim / num_heads``.
-    ``forward(query, key=None, value=None, valid_lens=None)``: self-attention when
-    ``key`` is omitted; ``value`` defaults to ``key``. Shapes: query ``(B, Q, dim)``,
-    key/value ``(B, K, kdim/vdim)`` -> ``(B, Q, dim)``. Cost: ``4 B Q K dim`` for the
-    attention plus ``2 B (Q + 2K) dim^2 + 2 B Q dim^2`` for the projections. Records the
-    ``(B, heads, Q, K)`` weights.
+    Vaswani et al., *Attention Is All You Need*, NeurIPS 2017, Sec. 3.2.2:
+    ``MultiHead(Q, K, V) = Concat(head_1..head_h) W_O``, ``head_i = Attention(Q W_Q^i,
+    K W_K^i, V W_V^i)`` (Eq. 1), each head of width ``dim / num_heads``.
+    ``forward(query, key=None, value=None, valid_lens=None)``: self-attention when ``key`` is
+    omitted; ``value`` defaults to ``key``. Shapes: query ``(B, Q, dim)``, key / value
+    ``(B, K, kdim / vdim)`` -> ``(B, Q, dim)``.
+    Args: ``dim``, ``num_heads``; ``bias`` of the projections; ``dropout`` on the weights;
+    ``kdim``, ``vdim`` (default ``dim``). Cost: ``4·B·Q·K·dim`` (attention)
+    ``+ 2·B·(Q + 2K)·dim² + 2·B·Q·dim²`` (projections).
+    attn_impl: ``auto``, ``sdpa``, ``kept_probs`` (that kernel), ``explicit`` (records the
+    ``(B, heads, Q, K)`` weights); measured against ``shared_workspace`` in
+    benchmarks/workspace.md.
     """
 
     attn_impls = ("auto", "explicit", "sdpa", "kept_probs")

@@ -232,26 +232,29 @@ def _project(x: Tensor, bases: Tensor, ridge: float, fused: bool) -> Tensor:
 class SubspaceAttention(AttentionModule):
     """Subspace attention (NBNet, Cheng et al. CVPR 2021, Sec. 3.2, Eq. 3-6).
 
-    ``bases = BasisNet(cat[guide, x])`` (K maps), L1-normalised over positions; the output
-    is ``x`` projected onto their span, ``V (V^T V)^-1 V^T x`` per channel.
+    Cheng et al., *NBNet: Noise Basis Learning for Image Denoising with Subspace
+    Projection*, CVPR 2021, Sec. 3.2, Eq. 3-6: ``bases = BasisNet(cat[guide, x])`` (``K``
+    maps), L1-normalised over positions; the output is ``x`` projected onto their span,
+    ``V (V^T V)^-1 V^T x`` per channel (Eq. 5).
+    Shapes: ``x`` ``(B, C, H, W)``, ``guide`` ``(B, guide_channels, H, W)`` ->
+    ``(B, C, H, W)``; any ``H, W`` (``N < K`` works thanks to the ridge).
 
     Args:
         channels: ``C`` of ``x`` (the skip features in NBNet).
         num_bases: ``K``, 16 in NBNet.
-        guide_channels: channels of an optional second input the bases are also estimated
-            from. NBNet passes the upsampled decoder features here (``guide_channels =
-            channels``) and estimates the bases from ``cat([up, skip])`` as the official
-            code does; the default 0 estimates them from ``x`` alone, so the module is a
+        guide_channels: channels of an optional second input the bases also read. NBNet
+            passes the upsampled decoder features (``guide_channels = channels``, bases from
+            ``cat([up, skip])`` as the official code); 0 (default) reads ``x`` alone, a
             one-input drop-in map attention.
-        ridge: relative Tikhonov term on ``V^T V`` (see the module docstring).
+        ridge: relative Tikhonov term on ``V^T V``, 1e-6 (a deviation: module docstring).
         relu_slope: LeakyReLU slope of the basis network (0.2 officially).
 
-    Shapes: ``x`` ``(B, C, H, W)``, ``guide`` ``(B, guide_channels, H, W)`` ->
-    ``(B, C, H, W)``. Any ``H, W`` (``N < K`` works thanks to the ridge). Records the
-    ``(B, K, H, W)`` L1-normalised bases. Capture does not need the explicit path here
-    (the bases are the same tensor on both paths), so capturing keeps the fused
-    projection and its ``O(N K)`` memory; :func:`~spatial_attention.explicit_path`
-    switches to Eq. 5 written out.
+    Cost: basis net ``~18·B·N·K·(Cin + K)`` ``+ 2·B·N·K·(K + 2C) + B·K³`` (projection);
+    the explicit path adds ``2·B·N²·(K + C)``, ``N = H·W``.
+    attn_impl: ``auto`` (one batched solve, ``P`` never formed, ``O(N K)`` memory),
+    ``explicit`` (Eq. 5 with ``P`` as an ``(N, N)`` matrix). Records the ``(B, K, H, W)`` bases,
+    the same tensor on both paths, so capture keeps ``auto``;
+    :func:`~spatial_attention.explicit_path` switches to Eq. 5.
     """
 
     layout = "map"

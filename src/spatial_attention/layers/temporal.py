@@ -100,27 +100,25 @@ class ClipAttention(AttentionModule):
 class TemporalSelfAttention(ClipAttention):
     """Time attention of TimeSformer (Bertasius et al. ICML 2021, divided space-time).
 
-    At every position ``p`` and frame ``t``, ``alpha_(p,t) = softmax_t'(q_(p,t) .
-    k_(p,t') / sqrt(D_h))`` over the ``T`` frames of the same position, per head;
-    ``y_(p,t) = W_O concat_heads(sum_t' alpha_(p,t),t' v_(p,t'))``. ``q, k, v`` come from
-    one linear map ``qkv`` (``C -> 3C``, output laid out ``(3, heads, D_h)``) and ``proj``
-    is ``W_O``: the parameter names and layout of ``temporal_attn`` in the official
-    TimeSformer blocks (``blocks.{i}.temporal_attn.qkv/proj``), so those weights load
-    after stripping that prefix. ``qkv_bias=True`` as in the released models.
+    Bertasius et al., *Is Space-Time Attention All You Need for Video
+    Understanding?*, ICML 2021, Sec. 3 (time attention). At every position ``p`` and frame
+    ``t``, per head, ``alpha_(p,t) = softmax_t'(q_(p,t) . k_(p,t') / sqrt(D_h))`` over the
+    ``T`` frames of the same position; ``y_(p,t) = W_O concat_heads(sum_t' alpha_(p,t),t'
+    v_(p,t'))``. Shapes: ``(B, T, C, H, W) -> (B, T, C, H, W)``, any ``T``, ``H``, ``W``.
 
-    As in the official code (and unlike the paper's time-attention equation in Sec. 3),
-    no class token takes part in
-    the time attention; the block around it (``temporal_norm1``, ``temporal_fc``, the
-    residual) is the caller's. Fast path: ``F.scaled_dot_product_attention`` over the
-    ``B*H*W`` sequences of length ``T`` (through ``functional.scoring.attention``);
-    explicit path: the softmax of the scaled scores, recorded. Measured: on CPU the fused
-    path is 1.1-1.6x faster; on CUDA in float32, where SDPA has no flash kernel and picks
-    the memory-efficient one, thousands of length-8 sequences of head width 8 run 3.5x
-    slower than the explicit math (1.1x at head width 64); bf16/fp16 get flash.
-
-    Shapes: ``(B, T, C, H, W) -> (B, T, C, H, W)``, any ``T``, ``H``, ``W``. Records the
-    ``(B, heads, H, W, T, T)`` weights; ``spatial_map`` turns them into the share of
-    attention each position sends to *other* frames.
+    Args: ``channels`` ``C``; ``num_heads`` 8 (``D_h = C / heads``); ``qkv_bias`` True (as
+    the released models); ``dropout`` on the attention weights.
+    Cost: ``8·B·T·H·W·C²`` (qkv, proj) ``+ 4·B·H·W·T²·C`` (scores, weighting).
+    ``qkv`` (``C -> 3C``, output laid out ``(3, heads, D_h)``) and ``proj`` (``W_O``) have
+    the names and layout of the official ``blocks.{i}.temporal_attn``, so those weights load
+    after stripping that prefix. As in the official code (unlike the paper's equation), no
+    class token takes part; the block around it (``temporal_norm1``, ``temporal_fc``, the
+    residual) is the caller's.
+    attn_impl: ``auto``, ``sdpa``, ``kept_probs`` (one attention call over the ``B·H·W``
+    sequences of length ``T``), ``explicit`` (the softmax written out, recorded as
+    ``(B, heads, H, W, T, T)``; ``spatial_map`` gives the share of attention each position
+    sends to *other* frames). On CUDA in float32 with narrow heads the explicit path can be
+    the faster one; measured in benchmarks/conv_attention.md.
     """
 
     attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
@@ -189,6 +187,7 @@ class TemporalSelfAttention(ClipAttention):
 class TemporalAdaptiveModule(ClipAttention):
     """TAM (Liu et al. ICCV 2021), channel-temporal attention over a clip.
 
+    Liu et al., *TAM: Temporal Adaptive Module for Video Recognition*, ICCV 2021.
     From the frame-pooled descriptor ``x_hat = GAP_(H,W)(X)`` (``C x T``):
 
     * local branch (location-sensitive importance): ``V = sigmoid(Conv1D_1(ReLU(BN(
@@ -197,23 +196,18 @@ class TemporalAdaptiveModule(ClipAttention):
       softmax(FC(ReLU(BN(FC(x_hat_c, alpha*T))), K))``, ``Y_(c,t) = sum_k theta_(c,k)
       Z_(c, t + k - K//2)`` (a depthwise temporal conv with zero padding).
 
-    Defaults are the paper's and the official code's: ``K = 3``, ``alpha = 2``,
-    ``beta = 4``, bias-free convs and FCs. The FCs read all ``T`` frames at once, so the
-    clip length is fixed at construction (``num_frames``, 8 as in the released models).
-    Parameter names are the official ones (``G.0``, ``G.1``, ``G.3`` for the global
-    branch, ``L.0``, ``L.1``, ``L.3`` for the local one), so a TAM state dict loads
-    after stripping its prefix (``...tam.``). Deviation: the local hidden width is
-    ``max(1, C // beta)`` so narrow maps work.
-
-    Fast path: the adaptive kernels become a banded ``(T, T)`` matrix per sample and
-    channel (its tap index is built once, as non-persistent buffers) and the aggregation
-    is one batched matmul. The official code's grouped conv over ``B*C`` groups measured
-    2.4-8x slower on CPU; on an H100 it is 6-28 microseconds faster (both launch-bound at
-    ``(2, 8, 64, 28, 28)`` and ``(8, 8, 256, 14, 14)``). Explicit path: the sum over the
-    ``K`` shifted frames as written above.
-
-    Shapes: ``(B, T, C, H, W) -> (B, T, C, H, W)`` with ``T == num_frames``. Records the
-    ``(B, T, C, 1, 1)`` importance map, then the ``(B, C, K)`` kernels.
+    Shapes: ``(B, T, C, H, W) -> (B, T, C, H, W)`` with ``T == num_frames``.
+    Args (the paper's and official defaults): ``channels``; ``num_frames`` 8 (fixed: the FCs
+    read all ``T`` frames); ``kernel_size`` ``K = 3``; ``alpha`` 2; ``beta`` 4.
+    Cost: ``B·T·C·H·W`` (pool) ``+ 2·B·C²·T·K/beta`` (local) ``+ 2·B·C·T·(alpha·T + K)``
+    (global) ``+ B·T·C·H·W·(1 + 2T)`` (rescale, banded aggregation).
+    Bias-free convs and FCs; official names (``G.0``, ``G.1``, ``G.3``, ``L.0``, ``L.1``,
+    ``L.3``), so a TAM state dict loads after stripping its prefix (``...tam.``). Deviation:
+    local hidden width ``max(1, C // beta)``, so narrow maps work.
+    attn_impl: ``auto`` (the kernels as a banded ``(T, T)`` matrix per sample and channel, one
+    batched matmul, instead of the official grouped conv over ``B·C`` groups), ``explicit``
+    (the sum over ``K`` shifted frames); records the ``(B, T, C, 1, 1)`` importance map, then
+    the ``(B, C, K)`` kernels. Measured in benchmarks/conv_attention.md.
     """
 
     def __init__(

@@ -77,49 +77,28 @@ _COST = "2·B·N·C·3C + 2·B·N·C² (projections) + 4·B·N·M²·C (scores a
 class WindowAttention(AttentionModule):
     """Multi-head self-attention inside (shifted) ``M x M`` windows of a ``(B, H, W, C)`` map.
 
+    Swin (Liu et al. ICCV 2021, Sec. 3.2, Eq. 4): ``softmax(Q K^T / sqrt(d) + B) V`` in each
+    window, W-MSA or shifted SW-MSA; Twins LSA (Chu et al. NeurIPS 2021, Sec. 3.2, Eq. 5):
+    the same without position bias or shift. Shapes: ``(B, H, W, C) -> (B, H, W, C)``, any
+    ``H, W >= 1``.
+
     Args:
-        dim: channels ``C``.
-        num_heads: heads; ``dim`` must be divisible by it.
-        window_size: ``M`` (or ``(Mh, Mw)``); 7 in Swin and Twins.
-        shift_size: cyclic shift ``s`` with ``0 <= s < M``; 0 is W-MSA, ``M // 2`` SW-MSA
-            (``None`` means ``M // 2``). Along an axis no longer than the window the shift
-            is dropped, as in the official code (the stage-4 blocks of a 224 model).
-        qkv_bias: bias in the qkv projection (True in Swin and Twins).
-        attn_drop, proj_drop: dropout on the weights and on the output.
-        position_bias: Swin's learned relative position bias, a
-            ``((2Mh-1)(2Mw-1), heads)`` table (``False`` for Twins LSA).
+        dim, num_heads: channels ``C`` and heads (``dim`` divisible by ``num_heads``).
+        window_size: ``M`` or ``(Mh, Mw)``; 7 in Swin and Twins.
+        shift_size: ``0 <= s < M``; 0 is W-MSA, ``M // 2`` SW-MSA (``None``: ``M // 2``);
+            dropped along an axis the window covers, as in the official code.
+        qkv_bias: True in Swin and Twins. attn_drop, proj_drop: dropout on weights, output.
+        position_bias: the learned ``((2Mh-1)(2Mw-1), heads)`` table (False: Twins LSA).
 
-    Shapes: ``(B, H, W, C) -> (B, H, W, C)``, any ``H, W >= 1``.
-
-    Parameter names are the official ones (``qkv``, ``proj``,
-    ``relative_position_bias_table``), so Swin, Twins and timm weights load unchanged; the
-    index is a non-persistent buffer (as in timm), official checkpoints' copy is dropped
-    by the model loaders.
-
-    Fast path: pad, shift and partition are one ``index_select`` of the tokens, and one
-    more undoes them and crops (without shift or padding, the plain partition is used).
-    Every window of the batch goes through one attention call (``functional.attention``)
-    with the bias, shift mask and padding mask summed into one float mask of shape
-    ``(nW, heads, N, N)``, broadcast over the batch (never repeated per image on CPU).
-    Inference and CUDA use ``F.scaled_dot_product_attention``; CPU training, where the
-    fused kernel has no gradient for the learned bias, uses the lean four-kernel sequence
-    of ``functional.scoring``. Explicit path: the same scores written out, with the
-    weights recorded for capture.
-
-    ``attn.flex = True`` switches inference (eval mode) to FlexAttention: one call per
-    image over all its windows, block mask and bias lookup instead of a materialised
-    mask. Compiled on CUDA; equal to the other paths (tested on CPU through PyTorch's
-    unfused reference). Its speed on a GPU is not measured yet, so it stays opt-in.
-
-    ``attn.save_probs = True`` (CPU training, windows without a learned bias such as
-    Twins LSA) keeps the window probabilities for backward instead of the flash kernel's
-    recomputation: LSA's attention core 26 -> 16 ms forward + backward on (8, 56, 56, 64),
-    for about twice the memory the core creates (``benchmarks/kept_probs.py`` for the
-    core, benchmarks/token_attention.md for the layer). Off by
-    default, so peak memory stays below timm's.
-
-    Cost: ``2·B·N·C·4C`` (projections) ``+ 4·B·N·M²·C`` (scores and weighting), linear in
-    the number of tokens ``N = H·W``.
+    Cost: ``2·B·N·C·4C`` (projections) ``+ 4·B·N·M²·C`` (attention), ``N = H·W``: linear in N.
+    Deviation: the padding up to a multiple of ``M`` is masked out of the softmax (official
+    code and timm attend to zero tokens), so outputs differ from theirs only where padding is
+    needed. Official parameter names (``qkv``, ``proj``, ``relative_position_bias_table``):
+    Swin, Twins and timm weights load; the index is a non-persistent buffer, as in timm.
+    attn_impl: ``auto`` (SDPA; lean biased kernels in CPU training), ``explicit``, ``sdpa``,
+    ``kept_probs`` (window probabilities kept for backward: CPU training time for memory,
+    no gain with a learned bias), ``flex`` (FlexAttention in eval, opt-in: not timed on a GPU
+    yet); measured in benchmarks/token_attention.md.
     """
 
     attn_impls = ("auto", "explicit", "sdpa", "kept_probs", "flex")
@@ -225,6 +204,9 @@ class WindowAttention(AttentionModule):
             tokens = permute_rows(x.reshape(B, H * W, C), 1, layout.gather, layout.scatter)
         qkv = self.qkv(tokens).view(B, nW, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, d)
+        # bias, shift and padding masks summed into one float mask (nW | 1, heads, N, N),
+        # broadcast over the batch (never repeated per image on CPU): every window of the
+        # batch then goes through one attention call
         mask = self._bias_and_mask(keep, q.dtype)
         p = self.attn_drop if self.training else 0.0
         impl = self.impl
@@ -233,6 +215,8 @@ class WindowAttention(AttentionModule):
         ):
             out = self._flex(q, k, v, keep, (H, W, shift))
         elif impl != "explicit":
+            # auto: SDPA in inference and on CUDA; CPU training, where the fused kernel has
+            # no gradient for the learned bias, takes the lean four-kernel path
             out = window_sdpa(q, k, v, mask, self.scale, p, "auto" if impl == "flex" else impl)
         else:
             out, weights = attention(

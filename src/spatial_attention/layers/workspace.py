@@ -10,7 +10,36 @@ every position attends to the ``S`` slots. Cost is linear in ``N``.
 The arithmetic follows the authors' code (``anirudh9119/shared_workspace``,
 ``sort_of_clevr/transformer_utilities/relational_memory_volatile.py``, the
 ``RelationalMemory`` that ``MultiheadAttention(shared_memory_attention=True)`` calls), not
-a re-reading of the paper's prose; see :class:`SharedWorkspace` for every step.
+a re-reading of the paper's prose. With ``h`` heads, value width ``dv = dim / h``, key
+width ``dk = key_dim`` and memory ``M`` ``(B, S, dim)``, every step of
+:class:`SharedWorkspace`:
+
+1. ``R = input_projector(x)``, the positions (specialists), ``(B, N, dim)``.
+2. **Write** (competition): per head, ``A = softmax_N(q(M) k(R)^T * scale)``,
+   ``(B, h, S, N)``; per slot only the ``top_k`` largest weights of ``A`` are kept, the
+   others set to zero, *without renormalising* (the reference multiplies the softmax by
+   a 0/1 top-k mask); ``M~ = concat_h(A v(R))``.
+3. Slot update, as in the relational memory core the reference builds on:
+   ``M' = LN1(M + M~)``, ``M' = LN2(M' + mlp(M'))`` where ``mlp`` applies *one* linear map
+   ``mlp_layers`` times, each followed by ReLU (the reference's ``ModuleList`` holds the
+   same ``nn.Linear`` object ``mlp_layers`` = 4 times, so the weights are shared).
+4. Gated update (``gate='unit'``, LSTM-like): ``i, f = split(G_m(tanh M) + G_x(R))`` with
+   a per-slot linear map ``G_m`` and ``G_x(R) = W mean_N(relu(w * R))``;
+   ``M_new = sigmoid(i + b_i) * tanh(M') + sigmoid(f + b_f) * M`` (``b_i = 0``,
+   ``b_f = 1`` learned scalars). ``gate='memory'`` uses one gate per slot, ``None`` keeps
+   ``M'``.
+5. **Broadcast**: per head, ``softmax_S(q(R) k(M_new)^T * scale) v(M_new)`` for every
+   position, heads concatenated, ``(B, N, dim)``. The same ``query_proj``, ``key_proj``
+   and ``value_proj`` serve the write and the broadcast (as in the reference, which calls
+   one attention function with the roles swapped); there is no top-k and no output
+   projection in the broadcast.
+
+Fast path: the write takes ``torch.topk`` of the raw scores, weights
+``exp(score - logsumexp)`` for the winners only and a ``gather`` of their values
+(``S * k`` rows, never the dense masked matrix); the broadcast is one attention call.
+Explicit path: the dense softmax, the 0/1 top-k mask, and the broadcast weights, each
+recorded: per call ``capture_attention`` gets the write weights ``(B, h, S, N)``, then the
+broadcast weights ``(B, h, N, S)`` (see :func:`split_workspace_records`).
 """
 
 from __future__ import annotations
@@ -49,49 +78,28 @@ _GATES = ("unit", "memory", None)
 class SharedWorkspace(AttentionModule):
     """Shared global workspace (Goyal et al. ICLR 2022): top-k write into slots, broadcast.
 
-    ``forward(x, valid_lens=None, memory=None, return_memory=False)`` on ``x`` of shape
-    ``(B, N, dim)`` returns ``(B, N, dim)`` (and the new ``(B, S, dim)`` memory with
-    ``return_memory=True``, to carry it to the next layer step as the reference does).
-    With ``h`` heads, value width ``dv = dim / h`` and key width ``dk = key_dim``:
+    Goyal et al., *Coordination Among Neural Modules Through a Shared Global Workspace*,
+    ICLR 2022, as the authors' ``RelationalMemory`` code computes it (its five steps, write,
+    slot update, gates and broadcast, are in the module docstring).
+    ``forward(x, valid_lens=None, memory=None, return_memory=False)``: ``(B, N, dim) ->
+    (B, N, dim)``, plus the new ``(B, S, dim)`` memory with ``return_memory=True`` (to carry
+    to the next layer step, as the reference does). ``memory`` defaults to the reference's
+    initial state, ``eye(S, dim)`` (zero-padded or truncated), for every sample.
 
-    1. ``R = input_projector(x)``, the positions (specialists), ``(B, N, dim)``.
-    2. **Write** (competition): per head, ``A = softmax_N(q(M) k(R)^T * scale)``,
-       ``(B, h, S, N)``; per slot only the ``top_k`` largest weights of ``A`` are kept,
-       the others set to zero, *without renormalising* (the reference multiplies the
-       softmax by a 0/1 top-k mask); ``M~ = concat_h(A v(R))``.
-    3. Slot update, as in the relational memory core the reference builds on:
-       ``M' = LN1(M + M~)``, ``M' = LN2(M' + mlp(M'))`` where ``mlp`` applies *one* linear
-       map ``mlp_layers`` times, each followed by ReLU (the reference's ``ModuleList`` holds
-       the same ``nn.Linear`` object ``mlp_layers`` = 4 times, so the weights are shared).
-    4. Gated update (``gate='unit'``, LSTM-like): ``i, f = split(G_m(tanh M) + G_x(R))``
-       with a per-slot linear map ``G_m`` and ``G_x(R) = W mean_N(relu(w * R))``;
-       ``M_new = sigmoid(i + b_i) * tanh(M') + sigmoid(f + b_f) * M`` (``b_i = 0``,
-       ``b_f = 1`` learned scalars). ``gate='memory'`` uses one gate per slot, ``None``
-       keeps ``M'``.
-    5. **Broadcast**: per head, ``softmax_S(q(R) k(M_new)^T * scale) v(M_new)`` for every
-       position, heads concatenated, ``(B, N, dim)``. The same ``query_proj``,
-       ``key_proj`` and ``value_proj`` serve the write and the broadcast (as in the
-       reference, which calls one attention function with the roles swapped); there is
-       no top-k and no output projection in the broadcast.
-
-    ``memory`` defaults to the reference's initial state, the identity ``eye(S, dim)``
-    (padded with zeros or truncated), for every sample. ``scale=None`` means 1: the
-    reference's dot products are not scaled by ``1/sqrt(dk)``. Defaults are the Sort-of-
-    CLEVR configuration of the reference (TR + HSW): 8 slots, top-k 5, 4 heads, ``key_dim``
-    32, 4 MLP applications, unit gates.
-
-    ``valid_lens`` ``(B,)``: positions ``>= valid_lens[b]`` neither write (their write
-    weight is exactly zero, so a slot has ``min(top_k, valid)`` writers) nor enter the
-    mean of the input gate. They still read the workspace, so their outputs are defined
-    (like padded queries of ``multi_head``). The reference ignores the padding mask here.
-
-    Fast path: the write takes ``torch.topk`` of the raw scores, weights
-    ``exp(score - logsumexp)`` for the winners only and a ``gather`` of their values
-    (``S * k`` rows, never the dense masked matrix); the broadcast is
-    ``F.scaled_dot_product_attention``. Explicit path: the dense softmax, the 0/1 top-k
-    mask, and the broadcast weights, each recorded: per call ``capture_attention`` gets
-    the write weights ``(B, h, S, N)`` then the broadcast weights ``(B, h, N, S)`` (see
-    :func:`split_workspace_records`). Cost: see the registry entry (linear in ``N``).
+    Args (defaults: the reference's Sort-of-CLEVR TR + HSW): ``dim``; ``num_heads`` 4;
+    ``num_slots`` ``S`` 8; ``top_k`` 5 writers per slot; ``key_dim`` ``dk`` 32;
+    ``mlp_layers`` 4 applications of one shared linear map; ``gate`` ``'unit'``,
+    ``'memory'`` or None; ``scale`` None means 1 (the reference does not scale by
+    ``1/sqrt(dk)``).
+    Cost: ``2·B·N·C·(2C + 2·h·dk)`` (projections) ``+ 2·B·h·S·N·dk + 2·B·h·S·k·dv`` (top-k
+    write) ``+ 2·B·h·N·S·(dk + dv)`` (broadcast) ``+ O(B·S·C²)``: linear in ``N``.
+    Deviation: ``valid_lens`` ``(B,)`` masks positions ``>= valid_lens[b]`` out of the write
+    (weight exactly zero, so a slot has ``min(top_k, valid)`` writers) and the input gate's
+    mean; they still read the workspace, so their outputs are defined (like padded queries of
+    ``multi_head``). The reference ignores the padding mask here.
+    attn_impl: ``auto``, ``sdpa`` and ``kept_probs`` run the sparse top-k write and hand the
+    broadcast to that kernel; ``explicit`` the dense masked softmax, recorded (write, then
+    broadcast weights). Measured in benchmarks/workspace.md.
     """
 
     attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
