@@ -44,49 +44,28 @@ __all__ = ["FeatureSpaceLocalAttention", "BilateralLocalAttention", "fsla_key_po
     captures="(B, heads, nG, g, g+o) weights, then the (B, heads, H, W) leaf of each token",
 )
 class FeatureSpaceLocalAttention(AttentionModule):
-    """FSLA (Yu et al. BMVC 2022, Sec. 3.2): attention inside clusters of similar tokens.
+    """FSLA (Yu et al., BOAT, BMVC 2022, Sec. 3.2): attention inside clusters of similar tokens.
 
-    Per head, the queries are grouped by :func:`~spatial_attention.functional.clustering.
-    balanced_binary_clustering` into leaves of exactly ``group_size`` tokens (``g = 49``,
-    the 7x7 window area, so FSLA costs what window attention costs); no gradient flows
-    through the grouping. Each leaf attends ``softmax(q k^T * scale) v`` over its own
-    ``g`` keys and the ``overlap`` (20) keys of its sibling leaf nearest the cut, ``g +
-    overlap`` keys in all. A depthwise 3x3 convolution of the values, in image layout, is
-    added to the attention output before the output projection, as in the reference.
+    Per head, queries are grouped by balanced binary clustering into leaves of exactly
+    ``group_size`` tokens (49, the 7x7 window area, so FSLA costs what window attention
+    costs; no gradient through the grouping). Each leaf attends ``softmax(q k^T s) v``
+    over its own ``g`` keys and the ``overlap`` (20) keys of its sibling nearest the cut.
+    A depthwise 3x3 conv of the values is added before the output projection, as in the
+    reference; parameter names and the ``qkv`` layout are the reference's
+    ``ContentAttention``, so its weights load as they are.
 
-    Parameter names (``qkv``, ``get_v``, ``proj``) and layout (``qkv`` output laid out
-    ``(3, heads, head_dim)``) are the reference's ``ContentAttention``, so its weights
-    load as they are.
+    Shapes: ``(B, H, W, C) -> (B, H, W, C)``, any ``N = H*W`` (the reference needs
+    ``49 * 2^L``): padding slots sort last, are never computed alone, and are masked.
+    Cost: ``8 B N C^2 + 4 B N (g + o) C + 18 B N C`` plus the clustering
+    ``O(B N C log2(N / g))``: linear in ``N``.
 
-    Any size: ``N = H*W`` need not be ``49 * 2^L`` (the reference's only case, at 224
-    input). The clustering pads to ``g * 2^L`` slots that always sort last, so only the
-    last real leaf is partial; leaves of padding alone are never computed, and padding
-    keys are masked out of every softmax. Any batch size; samples never mix.
+    Deviations, each behind a flag where a checkpoint needs it: ``scale`` defaults to
+    ``head_dim ** -0.5`` (the reference BOAT-CSWin passes ``qk_scale=True``, i.e. 1.0:
+    ``scale=1.0``); a lone leaf (``N <= g``) has no sibling, where the reference pairs
+    images ``2i`` and ``2i+1`` of the batch (``pair_batch=True``, even batches only).
 
-    Deviations from the reference, each kept behind a flag where a checkpoint needs it:
-
-    * ``scale``: ``head_dim ** -0.5`` by default. The reference's BOAT-CSWin passes
-      ``qk_scale=qkv_bias`` (True), i.e. a scale of 1.0; ``scale=1.0`` reproduces that.
-    * ``pair_batch``: with one leaf per image (``N <= g``, e.g. CSWin's 7x7 last stage)
-      the reference pairs image ``2i`` with image ``2i+1`` of the batch as "siblings",
-      mixing samples (and failing for odd batches). By default a lone leaf has no
-      sibling; ``pair_batch=True`` reproduces the reference (even batches only).
-
-    Fast path: the clustering as sorts and gathers batched over every (batch, head,
-    cluster); one gather of every leaf's queries and its keys and values, the sibling
-    overlap included, with a backward that gathers back instead of scattering
-    (:mod:`~spatial_attention.functional.kernels.leaf_gather`; :func:`~spatial_attention.functional.permute.permute_rows` for the
-    return to token order); one attention call over all leaves; memory linear in ``N``.
-    On CPU that call keeps the ``g x (g + o)`` probabilities of every leaf for backward
-    (``save_probs``, on by default: forward + backward of the grouped attention 51 -> 33
-    ms on (8, 56, 56, 96), ``benchmarks/kept_probs.py``; for ``4 (g + o)`` bytes per
-    token and head; ``fsla.save_probs
-    = False`` gives SDPA's flash kernel and its memory). Explicit path: the same leaves,
-    softmax written out and recorded.
-
-    Shapes: ``(B, H, W, C) -> (B, H, W, C)``. Cost: ``8 B N C^2`` (qkv, proj) ``+ 4 B N
-    (g + o) C`` (attention) ``+ 18 B N C`` (convolution) plus the clustering,
-    ``O(B N C log2(N / g))``: linear in ``N`` where global attention is quadratic.
+    ``attn_impl``: auto (= ``kept_probs``: the leaves' probabilities kept for backward,
+    linear memory; measured in benchmarks/boat.md), explicit, sdpa.
     """
 
     attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
