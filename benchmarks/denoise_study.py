@@ -8,6 +8,9 @@ Three steps, each resumable, results written as they come:
     python benchmarks/denoise_study.py train --steps 1500 --noise poisson_gaussian
     # 2. PSNR / SSIM / seconds per megapixel on the held-out built-in images
     python benchmarks/denoise_study.py eval --crop 256
+    # 2b. the same for the denoiser shipped in the package (``load_default``)
+    python benchmarks/denoise_study.py eval --nets default --noises gaussian15 gaussian25 \
+        gaussian50 --crop 256 --out benchmarks/denoise_default --fresh
     # 3. megapixels per second of tiled inference (full NBNet and NBNet-small)
     python benchmarks/denoise_study.py throughput --threads 1 2
     # 3b. seconds per megapixel of every method in one pass (less exposed to load changes)
@@ -15,10 +18,12 @@ Three steps, each resumable, results written as they come:
     # 4. SSA alone: fused solve vs the explicit N x N projection
     python benchmarks/denoise_study.py ssa
 
-Held-out images: ``camera`` and ``grace_hopper`` (never trained on; see
-``spatial_attention.apps.denoise.TEST_IMAGES``), centre-cropped to ``--crop`` (0: whole
-image). Classical denoisers get the true Gaussian sigma (an oracle the networks do not
-have: they are blind) and, for Poisson-Gaussian noise, scikit-image's ``estimate_sigma``.
+Held-out images: ``camera``, ``grace_hopper``, ``gravel`` and ``ihc`` (never trained
+on; ``spatial_attention.apps.denoise.TEST_IMAGES``; the first study had only the first
+two), centre-cropped to ``--crop`` (0: whole image); ``--images`` picks some of them.
+``--nets default`` is the shipped denoiser for each noise that has one. Classical
+denoisers get the true Gaussian sigma (an oracle the networks do not have: they are
+blind) and, for Poisson-Gaussian noise, scikit-image's ``estimate_sigma``.
 The full run (official patch 128, batch 32, more steps, a GPU) is the same command with
 ``--patch 128 --batch 32 --steps 100000 --device cuda``.
 """
@@ -36,10 +41,13 @@ import numpy as np
 import torch
 
 from spatial_attention.apps.denoise import (
+    TEST_IMAGES,
     add_noise,
+    available_defaults,
     build_denoiser,
     denoise_tiled,
     load_clean_images,
+    load_default,
     psnr,
     ssim,
     train_denoiser,
@@ -55,6 +63,8 @@ NOISES = {
 }
 SHOT, READ = 0.01, 0.02
 CLASSICAL = ("nl_means", "wavelet", "tv_chambolle", "bm3d")
+#: --nets choices: the study's own runs, and the denoiser shipped in the package
+NETS = (*VARIANTS, "default")
 
 
 def run_dir(root: Path, variant: str, noise: str) -> Path:
@@ -109,9 +119,14 @@ def _crop(img: torch.Tensor, size: int) -> torch.Tensor:
 def cmd_eval(args: argparse.Namespace) -> None:
     from skimage.restoration import estimate_sigma
 
+    from spatial_attention.images import builtin_images
+
     torch.set_num_threads(args.threads)
+    # load_clean_images drops held-out images this machine lacks; the names must follow
+    names = [n for n in TEST_IMAGES if n in builtin_images()]
     images = [_crop(im, args.crop) for im in load_clean_images("builtin", "test")]
-    names = ["camera", "grace_hopper"][: len(images)]
+    keep = [i for i, n in enumerate(names) if not args.images or n in args.images]
+    names, images = [names[i] for i in keep], [images[i] for i in keep]
     out_csv = args.out / "results.csv"
     args.out.mkdir(parents=True, exist_ok=True)
     fields = ["noise", "image", "method", "psnr", "ssim", "seconds", "megapixels"]
@@ -134,6 +149,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
         train_noise = "gaussian" if model == "gaussian" else "poisson_gaussian"
         nets = {}
         for variant in args.nets:
+            if variant == "default":
+                if train_noise in available_defaults():
+                    nets[variant] = load_default(train_noise)
+                else:
+                    print(f"skipping default on {noise_name}: none shipped",
+                          file=sys.stderr)
+                continue
             rd = run_dir(args.runs, variant, train_noise)
             if (rd / "checkpoint" / "model.safetensors").is_file():
                 net = build_denoiser("nbnet_small", VARIANTS[variant])
@@ -257,7 +279,8 @@ def cmd_timing(args: argparse.Namespace) -> None:
     print("|---|---|")
     runs = {m: (lambda m=m: classical(m, arr, 25 / 255)) for m in CLASSICAL}
     for variant in args.nets:
-        net = build_denoiser("nbnet_small", VARIANTS[variant]).eval()
+        net = load_default() if variant == "default" else \
+            build_denoiser("nbnet_small", VARIANTS[variant]).eval()
         runs[variant] = lambda net=net: denoise_tiled(net, noisy, tile=256, overlap=32)
     for name, fn in runs.items():
         reps = 1 if name == "bm3d" else args.repeat
@@ -319,7 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--tile", type=int, default=256)
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--classical", nargs="*", default=list(CLASSICAL), choices=CLASSICAL)
-    e.add_argument("--nets", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    e.add_argument("--nets", nargs="*", default=list(VARIANTS), choices=NETS)
+    e.add_argument("--images", nargs="*", choices=TEST_IMAGES,
+                   help="some of the held-out images (default: all)")
     e.add_argument("--noises", nargs="*", choices=list(NOISES))
     e.add_argument("--out", type=Path, default=Path("benchmarks/denoise_study"))
     e.add_argument("--fresh", action="store_true", help="start results.csv anew")
@@ -337,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     tm.add_argument("--crop", type=int, default=256)
     tm.add_argument("--threads", type=int, default=1)
     tm.add_argument("--repeat", type=int, default=5)
-    tm.add_argument("--nets", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    tm.add_argument("--nets", nargs="*", default=list(VARIANTS), choices=NETS)
     a = sub.add_parser("ssa")
     a.add_argument("--channels", type=int, default=64)
     a.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64])

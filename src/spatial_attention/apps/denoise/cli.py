@@ -1,8 +1,9 @@
 """``spatial-attention denoise`` and ``spatial-attention train-denoiser``: options and runs.
 
-``denoise`` reads the model from what it is given: a train-denoiser run directory (its
-config names the model and its arguments), a safetensors file whose metadata names it,
-or any weights file, tried against each denoiser's keys and shapes.
+``denoise`` uses the denoiser shipped for ``--noise`` (:mod:`.default`) unless
+``--weights`` names another: a train-denoiser run directory (its config names the model
+and its arguments), a safetensors file whose metadata names it, or any weights file,
+tried against each denoiser's keys and shapes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from ...checkpoint import check_state_dict
 from ...errors import UsageError
 from ..training.checkpoints import CHECKPOINT_DIR
+from .default import SHIPPED, load_default
 from .metrics import psnr, ssim
 from .noise import NOISE_MODELS, add_noise
 from .tiling import denoise_tiled
@@ -116,8 +118,13 @@ def _load_model(args: argparse.Namespace) -> nn.Module:
     from ...models.nbnet import _read_any, convert_megengine_state_dict
 
     if not args.weights:
-        raise UsageError("no --weights given: pass a `spatial-attention train-denoiser` run "
-                         "directory, a weights file, or the official NBNet checkpoint.pkl")
+        noise = args.noise or "gaussian"
+        shipped = SHIPPED.get(noise)
+        if args.model is not None and shipped is not None and \
+                _denoiser_name(args.model) != shipped:
+            raise UsageError(f"the shipped {noise} denoiser is {shipped}; --model "
+                             f"{args.model} needs --weights (a train-denoiser run or file)")
+        return load_default(noise)
     name, model_args = args.model, {}
     weights = Path(args.weights).expanduser()
     if weights.is_dir():  # a train-denoiser run directory
@@ -164,14 +171,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="IN", help="image file, or builtin:NAME")
     parser.add_argument("--out", required=True, metavar="OUT",
                         help="where to write the denoised image (.png, .jpg, ...)")
+    parser.add_argument("--noise", choices=NOISE_MODELS,
+                        help="which shipped denoiser to use (default gaussian); ignored "
+                        "with --weights")
     parser.add_argument("--weights",
-                        help="(needed) a train-denoiser run directory, a .safetensors/.pt/.npz "
-                        "file, or the official MegEngine checkpoint.pkl")
-    parser.add_argument("--model", help="nbnet (default) or nbnet_small; a run directory "
-                        "names its own")
+                        help="instead of the shipped denoiser: a train-denoiser run "
+                        "directory, a .safetensors/.pt/.npz file, or the official MegEngine "
+                        "checkpoint.pkl")
+    parser.add_argument("--model", help="with --weights: nbnet, nbnet_small or "
+                        "nbnet_medium (a run directory or its file's metadata names its own)")
     parser.add_argument("--sigma", type=float,
-                        help="add Gaussian noise of this level (0..255) to IN first, and "
-                        "report PSNR/SSIM against the clean IN (a synthetic test)")
+                        help="a synthetic test: add Gaussian noise of this level (0..255) to "
+                        "IN first, and report PSNR/SSIM before and after against the clean "
+                        "IN; it does not tell the (blind) denoiser the level")
     parser.add_argument("--noisy-out", help="also write the noisy input here (with --sigma)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed for --sigma")
     parser.add_argument("--tile", type=int, default=256, help="tile size (default 256)")
@@ -197,6 +209,12 @@ def _write_image(path: Path, image: np.ndarray) -> None:
         raise UsageError(f"--out {path}: {exc.strerror or exc}") from None
 
 
+def _to_image(x: Tensor) -> np.ndarray:
+    """``(C, H, W)`` in [0, 1] -> uint8 ``(H, W, 3)``, or ``(H, W)`` for one channel."""
+    arr = _to_uint8(x)
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+
 def run(args: argparse.Namespace) -> int:
     from ...images import load_image
 
@@ -208,22 +226,29 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     image = load_image(args.input)  # UsageError for missing / unreadable files
+    # load_image always gives 3 channels; equal ones mean a grey file, which comes back grey
+    grey = bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
     model = _load_model(args).to(torch.device(args.device))
-    clean = _to_tensor(image).to(args.device)
+    clean = _to_tensor(image[..., :1] if grey else image).to(args.device)
     noisy = clean
     if args.sigma is not None:
         g = torch.Generator().manual_seed(args.seed)
+        # a grey image's noise is one field, the same in the 3 channels the model sees
         noisy = add_noise(clean.cpu(), "gaussian", args.sigma, generator=g).to(args.device)
         if args.noisy_out:
-            _write_image(Path(args.noisy_out).expanduser(), _to_uint8(noisy.cpu()))
+            _write_image(Path(args.noisy_out).expanduser(), _to_image(noisy.cpu()))
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     t0 = time.perf_counter()
-    result = denoise_tiled(model, noisy, args.tile, args.overlap, args.batch, progress,
+    result = denoise_tiled(model, noisy.expand(3, -1, -1) if grey else noisy, args.tile,
+                           args.overlap, args.batch, progress,
                            torch.bfloat16 if args.bf16 else None)
+    if grey:  # three estimates of one grey value: their mean
+        result = result.mean(0, keepdim=True)
     seconds = time.perf_counter() - t0
-    _write_image(out, _to_uint8(result.cpu()))
+    _write_image(out, _to_image(result.cpu()))
     H, W = image.shape[:2]
-    msg = f"wrote {out} ({W}x{H}, {seconds:.2f} s, {H * W / 1e6 / seconds:.3f} MP/s)"
+    msg = (f"wrote {out} ({W}x{H}{' grey' if grey else ''}, {seconds:.2f} s, "
+           f"{H * W / 1e6 / seconds:.3f} MP/s)")
     if args.sigma is not None:
         q = (result.cpu().clamp(0, 1) * 255).round()[None] / 255  # what the file holds
         ref, nz = clean.cpu()[None], noisy.cpu()[None].clamp(0, 1)
