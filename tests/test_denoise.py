@@ -266,3 +266,17 @@ def test_help(capsys, sub):
     with pytest.raises(SystemExit) as exit_:
         main([sub, "--help"])
     assert exit_.value.code == 0 and "usage" in capsys.readouterr().out.lower()
+
+
+def test_grey_patches_get_one_shared_noise_field():
+    from spatial_attention.apps.denoise.train import TRAIN_DEFAULTS, _noisy
+
+    clean = torch.rand(4, 3, 8, 8)
+    clean[1] = clean[1, :1]  # a grey patch: three equal channels
+    clean[3] = clean[3, :1]
+    g = torch.Generator().manual_seed(0)
+    for noise in ("gaussian", "poisson_gaussian"):
+        noisy = _noisy({**TRAIN_DEFAULTS, "noise": noise}, clean, g)
+        for i in (1, 3):
+            assert torch.equal(noisy[i], noisy[i, :1].expand(3, 8, 8))
+        assert not torch.equal(noisy[0, 0], noisy[0, 1])  # colour keeps its own fields

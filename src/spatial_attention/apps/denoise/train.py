@@ -149,6 +149,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "noise": "gaussian",
     "sigma": [15.0, 25.0, 50.0],
     "sigma_range": None,
+    "grey_shared_noise": True,
     "shot": 0.01,
     "read": 0.02,
     "patch": 64,
@@ -184,9 +185,23 @@ def _sigmas(cfg: dict[str, Any], batch: int, g: torch.Generator) -> Tensor:
 
 def _noisy(cfg: dict[str, Any], clean: Tensor, g: torch.Generator) -> Tensor:
     if cfg["noise"] == "gaussian":
-        return add_noise(clean, "gaussian", _sigmas(cfg, clean.shape[0], g), generator=g)
-    return add_noise(clean, "poisson_gaussian", shot=cfg["shot"], read=cfg["read"],
-                     generator=g)
+        noisy = add_noise(clean, "gaussian", _sigmas(cfg, clean.shape[0], g), generator=g)
+    else:
+        noisy = add_noise(clean, "poisson_gaussian", shot=cfg["shot"], read=cfg["read"],
+                          generator=g)
+    if cfg.get("grey_shared_noise", True):
+        noisy = share_grey_noise(clean, noisy)
+    return noisy
+
+
+def share_grey_noise(clean: Tensor, noisy: Tensor) -> Tensor:
+    """A grey photograph has one noise field, not three: patches whose channels are equal
+    get channel 0's noisy values in every channel (else the model learns to treat a grey
+    image's noise as colour detail, and denoises real grey images far less)."""
+    grey = (clean == clean[:, :1]).flatten(1).all(1)  # (B,)
+    if not bool(grey.any()):
+        return noisy
+    return torch.where(grey[:, None, None, None], noisy[:, :1].expand_as(noisy), noisy)
 
 
 def _val_set(cfg: dict[str, Any]) -> tuple[Tensor, Tensor]:
