@@ -502,6 +502,19 @@ class BatchTransform:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.seed, self.pad, self.flip = seed, pad, flip
         self.channels_last = channels_last
+        self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _to(self, t: Tensor, device: torch.device) -> Tensor:
+        """A small host tensor on ``device`` without a host round-trip: pinned and copied
+        asynchronously on CUDA (the step's kernels are queued behind it anyway)."""
+        if device.type != "cuda":
+            return t.to(device)
+        return t.pin_memory().to(device, non_blocking=True)
+
+    def _mean_std(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._stats:  # once per device, not once per step
+            self._stats[device] = (self.mean.to(device), self.std.to(device))
+        return self._stats[device]
 
     def augment(self, x: Tensor, keys: Tensor, epoch: int) -> Tensor:
         B, C, H, W = x.shape
@@ -509,19 +522,20 @@ class BatchTransform:
         if self.pad > 0:
             p = self.pad
             xp = F.pad(x, (p, p, p, p))
-            rows = (dy[:, None] + torch.arange(H)).to(x.device)  # (B, H)
-            cols = (dx[:, None] + torch.arange(W)).to(x.device)  # (B, W)
+            rows = self._to(dy[:, None] + torch.arange(H), x.device)  # (B, H)
+            cols = self._to(dx[:, None] + torch.arange(W), x.device)  # (B, W)
             b = torch.arange(B, device=x.device)[:, None, None]
             x = xp.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
             x = x.permute(0, 3, 1, 2)
         if self.flip:
-            x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+            x = torch.where(self._to(flip, x.device)[:, None, None, None], x.flip(-1), x)
         return x
 
     def __call__(self, x: Tensor, keys: Tensor, epoch: int, train: bool) -> Tensor:
         if train:
             x = self.augment(x, keys, epoch)
-        x = (x.float() / 255.0 - self.mean.to(x.device)) / self.std.to(x.device)
+        mean, std = self._mean_std(x.device)
+        x = (x.float() / 255.0 - mean) / std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.contiguous() if not self.channels_last else x
