@@ -46,6 +46,17 @@ class DepthwisePyramid(AttentionModule):
     batch what does batch (the channel descriptors through the MLP).
     """
 
+    def _build_gated_pyramid(self, name: str, channels: int, reduction: int,
+                             kernel_sizes: Sequence[int], gate: type[nn.Module]) -> None:
+        """What CPCA and CPMS share: a channel gate of ``channels // reduction`` hidden
+        units, the depthwise pyramid and the closing 1x1 convolution (in this order, the
+        official parameter order)."""
+        check_positive(name, channels=channels, reduction=reduction)
+        self.channels, self.reduction = channels, reduction
+        self.ca = gate(channels, max(1, channels // reduction))
+        self._build_pyramid(channels, kernel_sizes)
+        self.conv = nn.Conv2d(channels, channels, kernel_size=1)
+
     def _build_pyramid(self, channels: int, kernel_sizes: Sequence[int]) -> None:
         name = self.mechanism_name
         kernel_sizes = tuple(int(k) for k in kernel_sizes)
@@ -149,11 +160,7 @@ class ChannelPriorConvAttention(DepthwisePyramid):
         attn_impl: str | None = None,
     ) -> None:
         super().__init__(attn_impl=attn_impl)
-        check_positive("cpca", channels=channels, reduction=reduction)
-        self.channels, self.reduction = channels, reduction
-        self.ca = _ChannelPrior(channels, max(1, channels // reduction))
-        self._build_pyramid(channels, kernel_sizes)
-        self.conv = nn.Conv2d(channels, channels, kernel_size=1)
+        self._build_gated_pyramid("cpca", channels, reduction, kernel_sizes, _ChannelPrior)
         self.act = nn.GELU()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_positive
 from ..registry import register
 from .cpca import DepthwisePyramid
 
@@ -110,11 +109,8 @@ class ChannelPriorMultiScaleAttention(DepthwisePyramid):
         attn_impl: str | None = None,
     ) -> None:
         super().__init__(attn_impl=attn_impl)
-        check_positive("cpms", channels=channels, reduction=reduction)
-        self.channels, self.reduction = channels, reduction
-        self.ca = _MultiScaleChannelGate(channels, max(1, channels // reduction))
-        self._build_pyramid(channels, kernel_sizes)
-        self.conv = nn.Conv2d(channels, channels, kernel_size=1)
+        self._build_gated_pyramid("cpms", channels, reduction, kernel_sizes,
+                                  _MultiScaleChannelGate)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, self.channels)
