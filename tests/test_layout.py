@@ -168,3 +168,19 @@ def test_functional_exports_what_its_submodules_export():
                   ("fused_path_applies", "check_deform_args")]  # internals of one layer
         missing = [n for n in public if n not in F.__all__]
         assert not missing, f"functional/{sub}.py exports {missing}, functional does not"
+
+
+def test_mechanism_docstrings_are_short_and_carry_no_timings():
+    """Docstrings say paper, equation, shapes, cost, deviations; timings go stale, so
+    they live in benchmarks/*.md."""
+    import inspect
+    import re
+
+    import spatial_attention as sa
+
+    timing = re.compile(r"\d+(\.\d+)?\s*(ms|µs|us)\b|\d+(\.\d+)?\s*MiB\b")
+    for name in sa.list_mechanisms():
+        doc = inspect.getdoc(sa.info(name).cls) or ""
+        assert len(doc.splitlines()) <= 28, f"{name}: docstring of {len(doc.splitlines())} lines"
+        assert not timing.search(doc), f"{name}: a timing in the docstring: {timing.search(doc)[0]}"
+        assert "attn_impl" in doc, f"{name}: the docstring does not say its attn_impl values"

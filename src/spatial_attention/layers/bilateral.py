@@ -241,6 +241,7 @@ class BilateralLocalAttention(AttentionModule):
 
     Shapes: ``(B, H, W, C) -> (B, H, W, C)``, any ``H, W``. Cost: the sum of the two
     branches, linear in ``N = H·W``. Records whatever its two branches record.
+    ``attn_impl``: auto, explicit, sdpa, kept_probs; handed to both branches.
     """
 
     attn_impls = ("auto", "explicit", "sdpa", "kept_probs")

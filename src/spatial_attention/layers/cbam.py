@@ -48,6 +48,9 @@ class ChannelGate(AttentionModule):
     would build a zero-width layer.
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Records the ``(B, C, 1, 1)`` channel weights.
+    Cost: ``4·B·C²/r`` (the MLP on both descriptors) ``+ 3·B·C·H·W``.
+    ``attn_impl``: auto (CPU: the gate kernel in ``functional/kernels/cbam_gates.py``),
+    explicit. Measured in benchmarks/conv_attention.md.
     """
 
     layout = "map"
@@ -98,6 +101,8 @@ class SpatialGate(AttentionModule):
     a hand-written backward (:func:`~spatial_attention.functional.gates.cbam_gates`).
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Records the ``(B, 1, H, W)`` spatial map.
+    Cost: ``4·B·k²·H·W`` (the convolution) ``+ 4·B·C·H·W``.
+    ``attn_impl``: auto (CPU: the gate kernel), explicit.
     """
 
     layout = "map"
@@ -157,10 +162,10 @@ class CBAM(AttentionModule):
     """Convolutional Block Attention Module (Woo et al. ECCV 2018, Eq. 1).
 
     ``x' = Mc(x) * x``, ``y = Ms(x') * x'``: :class:`ChannelGate` then :class:`SpatialGate`
-    (reduction 16, 7x7 kernel). The fast path computes ``x * Mc * Ms`` as one fused product
-    (the forward allocates only the output; on CPU the backward writes the input gradient
-    into one buffer, with 12 full-size reads and writes where autograd needs over 30); the
-    explicit path runs the two gates in turn, each recording its weights.
+    (reduction 16, 7x7 kernel). ``attn_impl``: auto computes ``x * Mc * Ms`` as one fused
+    product (on CPU with the one-buffer backward of ``functional/kernels/cbam_gates.py``);
+    explicit runs the two gates in turn, each recording its weights. Measured in
+    benchmarks/conv_attention.md.
     Official checkpoints load with :meth:`load_official_state_dict`.
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Records nothing itself: ``channel_gate``
