@@ -16,7 +16,7 @@ from spatial_attention.apps.compare import cli, runner
 from spatial_attention.apps.compare.data import Cifar, load_cifar
 from spatial_attention.apps.compare.runner import Protocol, train_run
 from spatial_attention.apps.compare.stats import summarise, t_quantile, welch_interval
-from spatial_attention.apps.compare._deps import read_weights
+from spatial_attention.checkpoint import read_weights
 from spatial_attention.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

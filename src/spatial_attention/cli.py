@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import viz
     from .apps import bench
+    from .apps.compare import cli as compare
     from .apps.denoise import cli as denoise
     from .apps.training import cli as train
 
@@ -122,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-denoiser", help="train NBNet on synthetic noise; PSNR/SSIM")
     denoise.add_train_arguments(p)
     p.set_defaults(func=denoise.run_train)
+
+    p = sub.add_parser("compare", help="equal-budget CIFAR-10 accuracy of map mechanisms "
+                       "(resumable queue; results.csv, summary.md, summary.png)")
+    compare.add_arguments(p)
+    p.set_defaults(func=compare.run)
     return parser
 
 

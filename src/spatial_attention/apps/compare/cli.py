@@ -156,7 +156,7 @@ def collect_rows(out: Path) -> list[dict[str, Any]]:
 
 def write_reports(out: Path, protocol: Protocol, device: str, n_test: int = 10_000
                   ) -> list[dict[str, Any]]:
-    from ._deps import write_csv_rows
+    from ..training.reporting import write_csv_rows
 
     rows = collect_rows(out)
     rows.sort(key=lambda r: (r["mechanism"] != BASELINE, r["mechanism"], r["seed"]))

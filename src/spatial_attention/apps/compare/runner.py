@@ -28,8 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._deps import (
-    CHECKPOINT_DIR, get_rng_state, load_state, read_weights, save_checkpoint, set_rng_state,
+from ...checkpoint import read_weights
+from ..training.checkpoints import (
+    CHECKPOINT_DIR,
+    get_rng_state,
+    load_state,
+    save_checkpoint,
+    set_rng_state,
 )
 from .data import Cifar, augment, epoch_batches, flip_mask, normalise
 from .net import CompareNet, whitening_weights
@@ -180,7 +185,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, mean: Tensor, std: Tensor,
 
 def count_macs(model: nn.Module, device: torch.device) -> int:
     """Multiply-adds of one image's forward pass (eval mode)."""
-    from ._deps import count_flops
+    from ..bench.flops import count_flops
 
     model.eval()
     x = torch.zeros(2, 3, 32, 32, device=device)
@@ -192,7 +197,7 @@ def count_macs(model: nn.Module, device: torch.device) -> int:
 def _peak_memory_mb(model: nn.Module, xb: Tensor, yb: Tensor, smoothing: float) -> float:
     """Tensor bytes at the peak of one training step (weights, input, activations,
     gradients) on a copy, so the run's own state is untouched."""
-    from ._deps import peak_memory_bytes
+    from ..bench.memory import peak_memory_bytes
 
     twin = copy.deepcopy(model).train()
 
