@@ -210,3 +210,12 @@ def test_backbone_init_does_not_depend_on_the_mechanism():
     shared = [k for k in base if not k.startswith("stages.") or ".attn." not in k]
     assert shared and all(torch.equal(base[k], other[k]) for k in shared)
     assert any(".attn." in k for k in other)
+
+
+def test_command_line_refuses_bad_input_in_one_line(cli, tmp_path):
+    r = cli("compare", "bogus", "--out", str(tmp_path / "runs"))
+    assert r.returncode == 2
+    assert "unknown mechanism 'bogus'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started
+    r = cli("compare", "se", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
