@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import tarfile
 
@@ -91,7 +92,8 @@ def test_end_to_end_and_skip(fake_cifar, tmp_path, monkeypatch):
     assert int(summary[1]["params"]) > int(summary[0]["params"])
     assert (out / "summary.png").stat().st_size > 0
     md = (out / "summary.md").read_text()
-    assert "40 CIFAR-10 test images with flip test-time augmentation" in md
+    assert "40 CIFAR-10 test images with flip + translate test-time augmentation" in md
+    assert "| accuracy % (flip + translate TTA) |" in md
 
     # a second invocation finds every run finished: nothing is built or trained
     def no_build(*a, **k):
@@ -106,6 +108,13 @@ def test_end_to_end_and_skip(fake_cifar, tmp_path, monkeypatch):
                   "--epochs", "3")
     with pytest.raises(UsageError, match="another protocol"):
         cli.run(other)
+
+    # so is a folder written by the first recipe (no "recipe" in its protocol.json)
+    saved = json.loads((out / "protocol.json").read_text())
+    del saved["recipe"]
+    (out / "protocol.json").write_text(json.dumps(saved))
+    with pytest.raises(UsageError, match="recipe 1 -> 2"):
+        cli.run(args)
 
 
 def _tiny_data(fake_cifar, tmp_path) -> Cifar:
@@ -219,3 +228,44 @@ def test_command_line_refuses_bad_input_in_one_line(cli, tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing started
     r = cli("compare", "se", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_whitening_is_fitted_to_a_sample_of_every_class(fake_cifar, tmp_path):
+    from spatial_attention.apps.compare.net import whitening_sample
+
+    data = _tiny_data(fake_cifar, tmp_path)
+    # the cache is in class order, so the first images are all one class
+    assert data.train_y[:24].unique().tolist() == [0]
+    pick = whitening_sample(len(data.train_y), 40)
+    assert len(pick.unique()) == 40 and torch.equal(pick, whitening_sample(96, 40))
+    assert data.train_y[pick].unique().tolist() == [0, 1, 2, 3]
+    assert len(whitening_sample(10)) == 10  # fewer images than the sample: all of them
+
+    p = Protocol(epochs=1, width=0.125, batch_size=32)
+    mean, std = runner._stats(data)
+    model = runner.build_model("none", p, data, mean, std, 0, torch.device("cpu"))
+    assert torch.equal(model.whiten.bias, torch.zeros(24))  # airbench's zero start
+    assert not model.whiten.weight.requires_grad
+
+
+def test_tta_modes_weigh_views_like_airbench():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(10))
+    x = torch.randn(5, 3, 8, 8)
+    model(x)
+    with torch.no_grad():
+        def pair(v):
+            return (model(v) + model(v.flip(-1))) / 2
+
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        expect = (pair(x) / 2 + pair(padded[..., :8, :8]) / 4
+                  + pair(padded[..., 2:, 2:]) / 4)
+        assert torch.allclose(runner.tta_logits(model, x, "flip_translate"), expect,
+                              atol=1e-6)
+        assert torch.allclose(runner.tta_logits(model, x, "flip"), pair(x))
+        assert torch.equal(runner.tta_logits(model, x, "none"), model(x))
+    assert Protocol().tta == "flip_translate"
+    assert "flip + 1-px translate TTA" in Protocol().describe()
+    with pytest.raises(ValueError, match="tta"):
+        Protocol(tta="mirror")

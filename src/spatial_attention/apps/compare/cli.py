@@ -24,7 +24,7 @@ import torch
 
 from ...errors import UsageError
 from .data import check_data, load_cifar
-from .runner import PRESETS, Protocol, RunResult, read_result, steps_of, train_run
+from .runner import PRESETS, TTA_MODES, Protocol, RunResult, read_result, steps_of, train_run
 from .stats import SUMMARY_FIELDS, markdown, plot, summarise
 
 __all__ = ["add_arguments", "run", "select_mechanisms", "protocol_from_args", "RESULT_FIELDS"]
@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train on N class-balanced training images (small protocols)")
     parser.add_argument("--test-subset", type=int, metavar="N",
                         help="evaluate on N class-balanced test images (small protocols)")
+    parser.add_argument("--tta", choices=sorted(TTA_MODES),
+                        help="test-time augmentation: flip_translate (default, airbench's), "
+                             "flip or none")
     parser.add_argument("--threads", type=int, metavar="T",
                         help="torch CPU threads (default: torch's)")
     # tests stop a queue mid-run to check that resuming is exact
@@ -107,6 +110,8 @@ def protocol_from_args(args: argparse.Namespace, device: torch.device) -> Protoc
             if value <= 0:
                 raise UsageError(f"--{key.replace('_', '-')} must be positive, got {value}")
             changes[attr] = value
+    if getattr(args, "tta", None) is not None:
+        changes["tta"] = args.tta
     return replace(p, **changes)
 
 
@@ -165,9 +170,11 @@ def write_reports(out: Path, protocol: Protocol, device: str, n_test: int = 10_0
         return []
     summary = summarise(rows, BASELINE)
     write_csv_rows(out / "summary.csv", summary, SUMMARY_FIELDS)
-    (out / "summary.md").write_text(markdown(summary, protocol.describe(), device, n_test))
+    (out / "summary.md").write_text(markdown(summary, protocol.describe(), device, n_test,
+                                             protocol.tta))
     try:
-        plot(summary, out / "summary.png", f"CIFAR-10, {protocol.describe()}, {device}")
+        plot(summary, out / "summary.png", f"CIFAR-10, {protocol.describe()}, {device}",
+             protocol.tta)
     except ImportError:
         # the tables are the result; the plot is a view of them and needs the viz extra
         print("compare: matplotlib is not installed, summary.png skipped "

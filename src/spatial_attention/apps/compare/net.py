@@ -13,9 +13,12 @@ Shape (after Keller Jordan's airbench94, written anew here)::
 output channels (the ``attn_layer`` convention); the baseline puts ``nn.Identity``
 there. BatchNorms keep their scale fixed at 1 (only the shift trains: with the
 following conv free to rescale, a trained scale only adds a direction the large
-learning rate would have to fight). The second conv of a stage starts as a partial
-identity (Dirac) so a deep stack of plain convs starts close to a shallow one, the role
-a residual connection plays in deeper networks.
+learning rate would have to fight). Every 3x3 conv starts with its first
+``min(c_in, c_out)`` filters set to the identity (Dirac), the rest at PyTorch's default
+draw; so the second conv of a stage (``c -> c``) starts as an exact identity and a deep
+stack of plain convs starts close to a shallow one, the role a residual connection
+plays in deeper networks. The whitening conv's bias starts at zero (as airbench's);
+its weights are set from data by :func:`whitening_weights` and never train.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CompareNet", "BASE_WIDTHS", "make_attention", "whitening_weights"]
+__all__ = ["CompareNet", "BASE_WIDTHS", "make_attention", "whitening_sample",
+           "whitening_weights"]
 
 BASE_WIDTHS = (64, 256, 256)
 WHITEN_KERNEL = 2
+#: how many training images the whitening is estimated from (airbench's number)
+WHITEN_IMAGES = 5000
 
 
 def make_attention(name: str, channels: int) -> nn.Module:
@@ -89,6 +95,9 @@ class CompareNet(nn.Module):
         cw = 2 * 3 * WHITEN_KERNEL ** 2
         self.whiten = nn.Conv2d(3, cw, WHITEN_KERNEL, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
+        # zeroed after PyTorch's default draw, so the random stream (and with it every
+        # later weight) is what it would be without this line
+        nn.init.zeros_(self.whiten.bias)
         self.act = nn.GELU()
         self.stages = nn.Sequential(
             Stage(cw, widths[0], attention),
@@ -107,6 +116,18 @@ class CompareNet(nn.Module):
     def norm_biases(self) -> list[nn.Parameter]:
         """The BatchNorm shifts of the backbone, which get the larger learning rate."""
         return [m.bias for s in self.stages for m in (s.norm1, s.norm2)]
+
+
+def whitening_sample(n_train: int, count: int = WHITEN_IMAGES) -> Tensor:
+    """Indices of the training images the whitening is estimated from: ``count`` of
+    them in an order drawn once from a fixed generator, so the same for every
+    mechanism and seed. airbench takes the first 5,000 of CIFAR-10's own file, which is
+    in random class order; the decoded tars here are sorted by name, so their first
+    5,000 images are all one class, and a whitening fitted to one class mis-scales the
+    others' patches. A fixed random draw restores a sample of the whole set."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(20_240_517)
+    return torch.randperm(n_train, generator=g)[: min(count, n_train)].sort().values
 
 
 @torch.no_grad()

@@ -6,7 +6,10 @@ BatchNorm shifts at 64x the learning rate, a triangular schedule (0.2 -> 1 over 
 first 23% of steps, then down to 0.07), the whitening bias trained for the first 3
 epochs only, and lookahead: every 5 steps the weights are pulled towards (and replaced
 by) a slow average whose pull grows as ``0.95^5 (t/T)^3``; the final weights are the
-average. Evaluation is on the whole test set with flip test-time augmentation.
+average. Evaluation is on the whole test set with airbench's test-time augmentation
+by default: the image and its mirror (weight 1/2 together), and both of them shifted
+by one pixel up-left and down-right with reflect padding (1/4 for each shift); see
+:data:`TTA_MODES`.
 
 A run writes ``checkpoint/`` (model, lookahead average, optimizer, RNG, epoch and
 time counters) atomically at every epoch end, and ``result.json`` when done. Since the
@@ -37,11 +40,25 @@ from ..training.checkpoints import (
     set_rng_state,
 )
 from .data import Cifar, augment, epoch_batches, flip_mask, normalise
-from .net import CompareNet, whitening_weights
+from .net import CompareNet, whitening_sample, whitening_weights
 
-__all__ = ["Protocol", "PRESETS", "RunResult", "train_run", "evaluate", "count_macs"]
+__all__ = ["Protocol", "PRESETS", "RunResult", "train_run", "evaluate", "count_macs",
+           "TTA_MODES", "RECIPE"]
 
 RESULT_NAME = "result.json"
+
+#: test-time augmentation: name -> (label for tables, number of forward passes per image)
+TTA_MODES = {
+    "none": ("no TTA", 1),
+    "flip": ("flip TTA", 2),
+    "flip_translate": ("flip + 1-px translate TTA", 6),
+}
+
+#: version of what the fields below do not say (initialisation, data sample): 1 fitted
+#: the whitening to the first 5,000 cached images (one class) with a random whitening
+#: bias; 2 fits it to a fixed random 5,000 and zeroes the bias, as airbench does. An
+#: output folder holding runs of one recipe refuses another.
+RECIPE = 2
 
 
 @dataclass(frozen=True)
@@ -62,11 +79,20 @@ class Protocol:
     lookahead_every: int = 5
     train_subset: int | None = None
     test_subset: int | None = None
-    tta: str = "flip"
+    tta: str = "flip_translate"
+    recipe: int = RECIPE
+
+    def __post_init__(self) -> None:
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
+
+    @property
+    def tta_label(self) -> str:
+        return TTA_MODES[self.tta][0]
 
     def describe(self) -> str:
         return (f"{self.epochs} epochs, width x{self.width:g} {self.widths}, batch "
-                f"{self.batch_size}, {self.tta} TTA")
+                f"{self.batch_size}, {self.tta_label}")
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -78,7 +104,9 @@ class Protocol:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Protocol:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kept = {k: v for k, v in d.items() if k in names}
+        kept.setdefault("recipe", 1)  # written before the field existed
+        return cls(**kept)
 
 
 #: CPU: half width, chosen to fit the time budget; GPU: airbench94's full width and a
@@ -158,29 +186,48 @@ def build_model(mechanism: str, p: Protocol, data: Cifar, mean: Tensor, std: Ten
                 seed: int, device: torch.device) -> CompareNet:
     torch.manual_seed(seed)
     model = CompareNet(mechanism, p.width, len(data.classes))
-    # the whitening comes from the (first 5,000) training images, so it is the same
-    # for every mechanism and seed
-    sample = normalise(data.train_x[:5000], mean, std).cpu()
+    # the whitening comes from a fixed sample of 5,000 training images, so it is the
+    # same for every mechanism and seed (see whitening_sample: not the first 5,000)
+    pick = whitening_sample(len(data.train_y)).to(data.train_x.device)
+    sample = normalise(data.train_x[pick], mean, std).cpu()
     model.whiten.weight.data.copy_(whitening_weights(sample))
     return model.to(device)
 
 
+def tta_logits(model: nn.Module, xb: Tensor, tta: str) -> Tensor:
+    """The logits of a normalised batch under one of :data:`TTA_MODES`."""
+    if tta == "none":
+        return model(xb)
+
+    def mirrored(v: Tensor) -> Tensor:
+        return 0.5 * (model(v) + model(v.flip(-1)))
+
+    logits = mirrored(xb)
+    if tta == "flip":
+        return logits
+    # airbench's level 2: the unshifted pair counts 1/2, each one-pixel shift 1/4
+    h, w = xb.shape[-2:]
+    padded = F.pad(xb, (1, 1, 1, 1), mode="reflect")
+    # the two diagonal one-pixel shifts (content moved down-right, then up-left)
+    shifted = mirrored(padded[..., 0:h, 0:w]) + mirrored(padded[..., 2:h + 2, 2:w + 2])
+    return 0.5 * logits + 0.25 * shifted
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, mean: Tensor, std: Tensor,
-             batch: int = 1000) -> tuple[float, float]:
-    """``(accuracy, images per second)`` with flip TTA (both views counted as images)."""
+             batch: int = 1000, tta: str = "flip_translate") -> tuple[float, float]:
+    """``(accuracy, images per second)`` under ``tta`` (every view counted as an image)."""
     model.eval()
     correct = 0
     device = next(model.parameters()).device
     _sync(device)
     t0 = time.perf_counter()
     for i in range(0, len(y), batch):
-        xb = normalise(x[i:i + batch], mean, std)
-        logits = model(xb) + model(xb.flip(-1))
+        logits = tta_logits(model, normalise(x[i:i + batch], mean, std), tta)
         correct += int((logits.argmax(1) == y[i:i + batch]).sum())
     _sync(device)
     seconds = time.perf_counter() - t0
-    return correct / len(y), 2 * len(y) / max(seconds, 1e-9)
+    return correct / len(y), TTA_MODES[tta][1] * len(y) / max(seconds, 1e-9)
 
 
 def count_macs(model: nn.Module, device: torch.device) -> int:
@@ -320,7 +367,7 @@ def train_run(
                         metadata={"mechanism": mechanism, "seed": str(seed)})
 
     slow.update(model, 1.0)
-    accuracy, infer_img_s = evaluate(model, data.test_x, data.test_y, mean, std)
+    accuracy, infer_img_s = evaluate(model, data.test_x, data.test_y, mean, std, tta=p.tta)
     idx = torch.arange(min(p.batch_size, len(data.train_y)), device=device)
     peak = _peak_memory_mb(model, normalise(data.train_x[idx], mean, std),
                            data.train_y[idx], p.label_smoothing)

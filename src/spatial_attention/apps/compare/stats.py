@@ -128,18 +128,29 @@ def _num(v: Any, fmt: str) -> str:
     return format(v, fmt)
 
 
+#: how each test-time augmentation is described under the summary table
+TTA_TEXT = {
+    "none": "without test-time augmentation",
+    "flip": "with flip test-time augmentation (mean of the image's and its mirror's "
+            "logits)",
+    "flip_translate": "with flip + translate test-time augmentation (airbench's: the "
+                      "image and its mirror weigh 1/2, the same pair shifted one pixel "
+                      "diagonally each way 1/4 per shift, reflect padding)",
+}
+TTA_SHORT = {"none": "no TTA", "flip": "flip TTA", "flip_translate": "flip + translate TTA"}
+
+
 def markdown(summary: Sequence[dict[str, Any]], protocol: str, device: str,
-             n_test: int = 10_000) -> str:
+             n_test: int = 10_000, tta: str = "flip_translate") -> str:
     lines = [
         f"Protocol: {protocol}. Device: {device}. Test accuracy on {n_test:,} CIFAR-10 test "
-        "images with flip test-time augmentation (mean of the image and its mirror's "
-        "logits); mean and sample std over seeds. Difference from the baseline (`none`) "
-        "in points with a 95% Welch t interval; `*` where it excludes 0. MACs: "
-        "multiply-adds of one image's forward pass. img/s: training and inference "
+        f"images {TTA_TEXT[tta]}; mean and sample std over seeds. Difference from the "
+        "baseline (`none`) in points with a 95% Welch t interval; `*` where it excludes 0. "
+        "MACs: multiply-adds of one image's forward pass. img/s: training and inference "
         "(each TTA view counted) throughput.",
         "",
-        "| mechanism | seeds | accuracy % | std | vs none | 95% CI | | params | MACs | "
-        "train img/s | infer img/s | peak MiB |",
+        f"| mechanism | seeds | accuracy % ({TTA_SHORT[tta]}) | std | vs none | 95% CI | | "
+        "params | MACs | train img/s | infer img/s | peak MiB |",
         "|---|--:|--:|--:|--:|---|---|--:|--:|--:|--:|--:|",
     ]
     for r in summary:
@@ -155,7 +166,8 @@ def markdown(summary: Sequence[dict[str, Any]], protocol: str, device: str,
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str) -> None:
+def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str,
+         tta: str = "flip_translate") -> None:
     """Accuracy against multiply-adds and against training throughput, std as error bars."""
     import matplotlib
 
@@ -174,7 +186,7 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str) -> Non
                         xytext=(4, 3), fontsize=7)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy % (flip TTA)")
+    axes[0].set_ylabel(f"test accuracy % ({TTA_SHORT[tta]})")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
