@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from ..checks import check_positive
 from ..functional.dispatch import deprecated_switch, materialized_attention
+from ..functional.kernels.equal_width import equal_width_sdpa
 from ..functional.scoring import masked_softmax
 from ..registry import register
 from .base import AttentionModule
@@ -379,8 +380,28 @@ class GeneralizedAttention(AttentionModule):
                 return (vT @ weights.transpose(-2, -1)).reshape(B, -1, 1, 1)
         if (e2 or e4) and not e1 and self.impl != "sdpa":
             return self._position_only(qT, vT, e3_row, keep, (B, hq, wq, hk, wk))
-        # Every term as one dot product of an augmented query and key (module docstring):
-        # [q (+ appr_bias) | 1 | energy_x | energy_y] . [k | e3 | onehot(kx) | onehot(ky)]
+        # every term as one dot product of an augmented query and key (module docstring)
+        q_aug, k_aug, fixed = self._augmented(qT, vT, e3_row, x_kv, (B, hq, wq, hk, wk))
+        if q_aug.shape[0] == 1 and B > 1:  # E4 (+ local range) alone: weights shared
+            weights = masked_softmax(q_aug @ k_aug.transpose(-2, -1), mask=keep)[0]
+            return self._batch_shared(weights, vT, (B, hq, wq))
+        v = vT.transpose(-2, -1)  # (B, z, nk, dv)
+        if q_aug.shape[-1] == v.shape[-1] or self.impl == "sdpa":
+            out = equal_width_sdpa(q_aug, k_aug, v, keep, scale=1.0)
+        else:
+            # one GEMM gives the whole energy, then the softmax, probabilities kept for
+            # backward; the key's one-hot columns are constants with no gradient product
+            out = materialized_attention(q_aug, k_aug, v, keep, constant_key_columns=fixed)
+        return out.transpose(-2, -1).reshape(B, -1, hq, wq)  # (B, z*dv, hq, wq)
+
+    def _augmented(self, qT: Tensor | None, vT: Tensor, e3_row: Tensor | None, x_kv: Tensor,
+                   sizes: tuple[int, int, int, int, int]) -> tuple[Tensor, Tensor, int]:
+        """``[q (+ appr_bias) | 1 | energy_x | energy_y]`` and ``[k | e3 | onehot(kx) |
+        onehot(ky)]``, ``(B|1, z, nq, .)`` and ``(B|1, z, nk, .)``, and how many trailing
+        key columns are constant. Batch 1 where every part is the same for all samples."""
+        e1, e2, e3, e4 = self.terms
+        B, hq, wq, hk, wk = sizes
+        z, d, nq, nk = self.num_heads, self.qk_embed_dim, hq * wq, hk * wk
         q_parts, k_parts = [], []
         if e1:
             q = qT.transpose(-2, -1)  # (B, z, nq, d)
@@ -390,7 +411,7 @@ class GeneralizedAttention(AttentionModule):
             q_parts.append(vT.new_ones(1, 1, 1, 1).expand(B, z, nq, 1))
             k_parts.append(e3_row.transpose(-2, -1))  # (B, z, nk, 1)
         if e2 or e4:
-            ex, ey = self._position_energy(qT, (B, hq, wq, hk, wk))
+            ex, ey = self._position_energy(qT, sizes)
             n = ex.shape[0]  # 1 when the position energy is the same for every sample
             q_parts += [ex.reshape(n, z, nq, wk), ey.reshape(n, z, nq, hk)]
             # key (ky, kx) reads column kx of energy_x and column ky of energy_y
@@ -398,34 +419,10 @@ class GeneralizedAttention(AttentionModule):
             eye_y = torch.eye(hk, dtype=vT.dtype, device=vT.device)
             onehot = torch.cat((eye_x.repeat(hk, 1), eye_y.repeat_interleave(wk, 0)), -1)
             k_parts.append(onehot.expand(n, z, nk, wk + hk))
-        shared = all(t.shape[0] == 1 for t in q_parts + k_parts) and B > 1
-        batch = 1 if shared else B
+        batch = 1 if all(t.shape[0] == 1 for t in q_parts + k_parts) and B > 1 else B
         q_aug = torch.cat([t.expand(batch, z, nq, -1) for t in q_parts], -1)
         k_aug = torch.cat([t.expand(batch, z, nk, -1) for t in k_parts], -1)
-        if shared:  # E4 (+ local range) alone: one set of weights for every sample
-            weights = masked_softmax(q_aug @ k_aug.transpose(-2, -1), mask=keep)[0]
-            return self._batch_shared(weights, vT, (B, hq, wq))
-        v = vT.transpose(-2, -1)
-        dq, dv = q_aug.shape[-1], v.shape[-1]
-        if dq == dv or self.impl == "sdpa":
-            # fused SDPA (scale 1); the CPU flash kernel needs one head width for q, k and
-            # v (else SDPA takes its math kernel), so zero columns even them out
-            if dq < dv:
-                q_aug, k_aug = F.pad(q_aug, (0, dv - dq)), F.pad(k_aug, (0, dv - dq))
-            elif dv < dq:
-                v = F.pad(v, (0, dq - dv))
-            out = F.scaled_dot_product_attention(q_aug.contiguous(), k_aug.contiguous(),
-                                                 v.contiguous(), attn_mask=keep, scale=1.0)
-            out = out[..., :dv].transpose(-2, -1)  # (B, z, dv, nq)
-        else:
-            # one GEMM gives the whole energy (no broadcast passes over nq x nk), then the
-            # softmax; measured faster than padding to the flash kernel's single width.
-            # The probabilities are kept for a backward without the softmax's own pass.
-            # The key's one-hot columns are constants: no gradient product for them.
-            fixed = hk + wk if (e2 or e4) else 0
-            out = materialized_attention(q_aug, k_aug, v, keep, constant_key_columns=fixed)
-            out = out.transpose(-2, -1)  # (B, z, dv, nq)
-        return out.reshape(B, -1, hq, wq)
+        return q_aug, k_aug, (hk + wk if (e2 or e4) else 0)
 
     def _position_only(self, qT, vT, e3_row, keep, sizes) -> Tensor:  # noqa: ANN001
         """The fast path with E2 or E4 and without E1: ``softmax(energy) v``.

@@ -7,4 +7,7 @@ belong to), whose ``impl`` switch picks the kernel.
 
 * :mod:`.kept_probs`: attention over many short blocks, probabilities kept for backward.
 * :mod:`.lean_bias`: attention with a learned float bias on the CPU, in four kernels.
+* :mod:`.equal_width`: SDPA for queries/keys narrower or wider than the values.
+* :mod:`.cbam_gates`: CBAM's gate product with a one-buffer backward.
+* :mod:`.leaf_gather`: BOAT's leaf gather and scatter, with a backward that gathers.
 """
