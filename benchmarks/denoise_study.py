@@ -52,6 +52,7 @@ from spatial_attention.apps.denoise import (
     ssim,
     train_denoiser,
 )
+from spatial_attention.apps.denoise.train import share_grey_noise
 from spatial_attention.models.nbnet import load_pretrained
 
 VARIANTS = {"nbnet_small": {"ssa": True}, "unet_small": {"ssa": False}}
@@ -89,8 +90,30 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def classical(method: str, noisy: np.ndarray, sigma: float) -> np.ndarray:
-    """One classical denoiser on ``(H, W, 3)`` float in [0, 1] with noise std ``sigma``."""
+    """One classical denoiser on ``(H, W, 3)`` float in [0, 1] with noise std ``sigma``.
+
+    A grey image (three equal channels, one shared noise field) is denoised as one
+    channel, as a user would, and returned as three equal channels."""
     from skimage import restoration as R
+
+    if np.array_equal(noisy[..., 0], noisy[..., 1]) and np.array_equal(noisy[..., 0],
+                                                                        noisy[..., 2]):
+        grey = noisy[..., 0]
+        if method == "nl_means":
+            out = R.denoise_nl_means(grey, h=0.8 * sigma, sigma=sigma, patch_size=5,
+                                     patch_distance=6, fast_mode=True)
+        elif method == "wavelet":
+            out = R.denoise_wavelet(grey, sigma=sigma, method="BayesShrink", mode="soft",
+                                    rescale_sigma=True)
+        elif method == "tv_chambolle":
+            out = R.denoise_tv_chambolle(grey, weight=sigma)
+        elif method == "bm3d":
+            import bm3d
+
+            out = bm3d.bm3d(grey, sigma_psd=sigma)
+        else:
+            raise ValueError(method)
+        return np.repeat(np.asarray(out)[..., None], 3, axis=-1)
 
     if method == "nl_means":  # scikit-image's recommended h = 0.8 sigma in fast mode
         return R.denoise_nl_means(noisy, h=0.8 * sigma, sigma=sigma, patch_size=5,
@@ -164,7 +187,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         for name, clean in zip(names, images, strict=True):
             g = torch.Generator().manual_seed(2021)
             noisy = add_noise(clean[None], model, sigma or 0.0, shot=SHOT, read=READ,
-                              generator=g)[0]
+                              generator=g)
+            # a grey photograph has one noise field in all three channels
+            noisy = share_grey_noise(clean[None], noisy)[0]
+            grey = bool((clean == clean[:1]).all())
             mp = clean.shape[-1] * clean.shape[-2] / 1e6
             ref = clean[None]
 
@@ -183,6 +209,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                     continue
                 t0 = time.perf_counter()
                 result = denoise_tiled(net, noisy, tile=args.tile, overlap=32)
+                if grey:  # as the denoise command does: a grey output, the channels' mean
+                    result = result.mean(0, keepdim=True).expand(3, -1, -1)
                 score(variant, result, time.perf_counter() - t0)
             arr = noisy.permute(1, 2, 0).double().numpy()
             est = sigma / 255.0 if sigma else float(
