@@ -86,3 +86,15 @@ def test_spatial_map_default():
     torch.testing.assert_close(m.sum((1, 2)), torch.ones(2))
     with pytest.raises(ValueError):
         AttentionModule.spatial_map(torch.randn(2, 5), (2, 3))
+
+
+def test_a_wrong_keyword_shows_the_signature_and_the_closest_name():
+    import pytest
+
+    with pytest.raises(TypeError, match=r"se: got an unexpected keyword argument 'reductio' "
+                       r"\(did you mean 'reduction'\?\); signature: se\(channels, "
+                       r"reduction=16, attn_impl=None\)"):
+        sa.create("se", 16, reductio=4)
+    with pytest.raises(TypeError, match="window_attention: missing a required argument: "
+                       "'num_heads'; signature: window_attention\\(dim, num_heads"):
+        sa.create("window_attention", 16)

@@ -50,6 +50,11 @@ class MechanismInfo:
     captures: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
 
+    def cls_signature(self) -> inspect.Signature:
+        """The constructor's signature without ``self`` (for binding arguments)."""
+        sig = inspect.signature(self.cls.__init__)
+        return sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "self"])
+
     @property
     def signature(self) -> str:
         """The constructor signature with this name's bound defaults, e.g. ``(dim, num_heads)``."""
@@ -185,7 +190,16 @@ def create(name: str, *args: Any, **kwargs: Any):
     """
     entry = info(name)
     try:
-        module = entry.cls(*args, **{**entry.defaults, **kwargs})
+        bound = entry.cls_signature().bind(*args, **{**entry.defaults, **kwargs})
+    except TypeError as exc:  # a misspelt or missing argument: show what it takes
+        close = difflib.get_close_matches(
+            next(iter(set(kwargs) - set(entry.cls_signature().parameters)), ""),
+            list(entry.cls_signature().parameters), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TypeError(f"{entry.name}: {exc}{hint}; signature: "
+                        f"{entry.name}{entry.signature}") from None
+    try:
+        module = entry.cls(*bound.args, **bound.kwargs)
     except ValueError as exc:
         raise ValueError(_named(entry.name, entry.cls, str(exc))) from None
     # one class may serve several names: errors should name the one the user asked for
