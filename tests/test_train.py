@@ -254,3 +254,9 @@ def test_checkpoint_errors_name_what_differs(tmp_path):
     (run / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UsageError, match="state.pt is corrupt"):
         train_raises("--resume", str(run))
+
+
+def test_threads_option(cli, tmp_path):
+    r = cli("train", "--threads", "0", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "--threads must be >= 1, got 0" in r.stderr
+    assert not (tmp_path / "run").exists()

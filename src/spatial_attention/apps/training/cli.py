@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from ...errors import UsageError
 from .config import _OPT_DEFAULTS, DEFAULTS, PROG
 from .loop import evaluate_run, train
@@ -43,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flips (default: on, off for digits)")
     g.add_argument("--workers", type=int, help=f"DataLoader workers per process ({d['workers']})")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads for this process (default: torch's choice); "
+                   "does not change the results' settings")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help=f"default {d['epochs']}")
     g.add_argument("--batch", type=int, help=f"global batch size, all ranks ({d['batch']})")
@@ -84,7 +89,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``spatial-attention train``."""
-    return train(args)
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return train(args)
+    finally:
+        torch.set_num_threads(previous)
 
 
 # -- evaluate -----------------------------------------------------------------------------
