@@ -32,8 +32,9 @@ def paper_coord(m, x):
     f = u * torch.minimum(torch.relu(u + 3), torch.full_like(u, 6.0)) / 6  # h_swish
     f_h, f_w = f[:, :, :H], f[:, :, H:]
     wh, ww = m.conv_h.weight[:, :, 0, 0], m.conv_w.weight[:, :, 0, 0]
-    g_h = 1 / (1 + torch.exp(-(torch.einsum("cm,bmh->bch", wh, f_h) + m.conv_h.bias[None, :, None])))
-    g_w = 1 / (1 + torch.exp(-(torch.einsum("cm,bmw->bcw", ww, f_w) + m.conv_w.bias[None, :, None])))
+    a_h = torch.einsum("cm,bmh->bch", wh, f_h) + m.conv_h.bias[None, :, None]  # Eq. 5
+    a_w = torch.einsum("cm,bmw->bcw", ww, f_w) + m.conv_w.bias[None, :, None]  # Eq. 6
+    g_h, g_w = 1 / (1 + torch.exp(-a_h)), 1 / (1 + torch.exp(-a_w))
     return x * g_h[:, :, :, None] * g_w[:, :, None, :]  # Eq. 7
 
 
