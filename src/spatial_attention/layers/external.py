@@ -90,12 +90,15 @@ class ExternalAttention(AttentionModule):
         m_k, m_v = self.linear_0.weight[:, :, 0], self.linear_1.weight[:, :, 0]
         w_in = m_k @ self.conv1.weight[:, :, 0, 0]  # (S, C): M_k W_1
         b_in = m_k @ self.conv1.bias  # (S,)
-        attn = F.conv2d(x, w_in[:, :, None, None], b_in)  # (B, S, H, W)
-        attn = attn.reshape(B, self.k, H * W).softmax(-1)
+        # batched GEMMs rather than 1x1 convs: CPU convs of these shapes take a slow path
+        attn = torch.matmul(w_in, x.reshape(B, C, H * W)) + b_in[:, None]  # (B, S, N)
+        attn = attn.softmax(-1)
         attn = attn / (1e-9 + attn.sum(1, keepdim=True))
         w_out = self.conv2[0].weight[:, :, 0, 0] @ m_v  # (C, S): W_2 M_v
-        out = F.conv2d(attn.reshape(B, self.k, H, W), w_out[:, :, None, None])
-        return F.relu(x + self.conv2[1](out))
+        out = self.conv2[1](torch.matmul(w_out, attn).view(B, C, H, W))
+        # BatchNorm's backward needs its input, not its output: residual and ReLU can
+        # reuse the output's memory instead of two more full-size tensors
+        return out.add_(x).relu_()
 
     @classmethod
     def spatial_map(cls, weights: Tensor, size: tuple[int, int]) -> Tensor:
