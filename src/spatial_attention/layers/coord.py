@@ -77,7 +77,7 @@ class CoordinateAttention(AttentionModule):
         f_h, f_w = torch.split(F.hardswish(u), [H, W], dim=2)
         g_h = torch.sigmoid(self.conv_h(f_h))  # (B, C, H, 1)
         g_w = torch.sigmoid(self.conv_w(f_w)).transpose(2, 3)  # (B, C, 1, W)
-        self.record(g_h * g_w)
+        # no record here: capturing runs the explicit path, and the product would cost a map
         if torch.is_grad_enabled() and (x.requires_grad or g_h.requires_grad):
             return x * g_w * g_h
         # without autograd the second product can overwrite the first: one map-sized buffer
