@@ -36,7 +36,8 @@ def _reference(m, x, train=False):
     c = dict(m.channel_att["gate_c"].named_children())
     s = dict(m.spatial_att["gate_s"].named_children())
     z = x.mean((2, 3))  # AvgPool(F), (B, C)
-    h = torch.relu(_bn(z @ c["gate_c_fc_0"].weight.T + c["gate_c_fc_0"].bias, c["gate_c_bn_1"], train))
+    fc0 = c["gate_c_fc_0"]
+    h = torch.relu(_bn(z @ fc0.weight.T + fc0.bias, c["gate_c_bn_1"], train))
     mc = h @ c["gate_c_fc_final"].weight.T + c["gate_c_fc_final"].bias  # (B, C)
 
     def conv_bn_relu(t, conv, bn, d):  # d = 0: the 1x1 reduction

@@ -71,7 +71,7 @@ def test_gradients_agree():
         xi = x.clone().requires_grad_()
         m(xi).square().sum().backward()
         grads.append([xi.grad] + [p.grad for p in m.parameters()])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -1,4 +1,4 @@
-"""BAM on ``(B, C, H, W)``: a residual gate from a channel and a spatial branch (Park et al. BMVC 2018).
+"""BAM on ``(B, C, H, W)``: a residual channel + spatial gate (Park et al. BMVC 2018).
 
 The channel branch is SE-like (global average pool, a bottleneck MLP with BatchNorm);
 the spatial branch is a 1x1 reduction followed by dilated 3x3 convolutions, for a wide

@@ -96,7 +96,8 @@ class TripletAttention(AttentionModule):
             return self._explicit(x)
         # each gate lands in x's own axis order so that the three broadcast together
         w_cw = self.cw(_zpool(x, 2)).transpose(1, 2)  # (B, 2, C, W) -> (B, 1, C, W) -> (B, C, 1, W)
-        w_hc = self.hc(_zpool(x, 3).transpose(2, 3)).permute(0, 3, 2, 1)  # (B, 2, H, C) -> (B, C, H, 1)
+        # (B, 2, H, C) -> (B, 1, H, C) -> (B, C, H, 1)
+        w_hc = self.hc(_zpool(x, 3).transpose(2, 3)).permute(0, 3, 2, 1)
         if self.hw is None:
             return x * ((w_cw + w_hc) * 0.5)
         w_hw = self.hw(_zpool(x, 1))  # (B, 2, H, W) -> (B, 1, H, W)
