@@ -71,7 +71,9 @@ class TripletAttention(AttentionModule):
     Deviations: the official module takes no ``channels``; ``kernel_size`` is exposed
     (odd values only, to keep the official "same" padding). The fast path skips the
     rotations: it pools along the axis directly and multiplies ``x`` once by the summed
-    gates, so ``x`` is read twice instead of permuted and copied four times.
+    gates, so ``x`` is read twice instead of permuted and copied four times. Its max
+    pools use ``amax``, which splits the gradient between tied maxima where ``max`` (the
+    official and explicit paths) sends it to one; outputs are the same.
     ``attn_impl``: auto (rotation-free pools, one product), explicit (the rotations).
     """
 
