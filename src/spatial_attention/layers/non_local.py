@@ -139,10 +139,11 @@ class NonLocal2d(AttentionModule):
             pair = (theta @ w[:ci])[:, :, None] + (phi @ w[ci:])[:, None, :]  # (B, N, M)
             y = torch.relu(pair) @ g / M
         else:
-            # a head axis: on the CPU, SDPA runs its flash kernel on 4-D inputs only
-            # (3-D ones take the math fallback, which forms the (N, M) scores)
-            y = attention(theta[:, None], phi[:, None], g[:, None], scale=scale,
-                          impl=self.impl)[:, 0]  # (B, N, Ci)
+            # on the CPU, SDPA runs its flash kernel only on 4-D inputs with unit stride
+            # along the features; anything else takes the math fallback, which forms the
+            # (N, M) scores: a head axis, and one copy of each (B, N, Ci) operand
+            q, k, v = (t.contiguous()[:, None] for t in (theta, phi, g))
+            y = attention(q, k, v, scale=scale, impl=self.impl)[:, 0]  # (B, N, Ci)
         y = y.transpose(1, 2).reshape(B, -1, H, W)  # (B, Ci, H, W)
         z = self.conv_out(y)
         if self.norm is not None:
