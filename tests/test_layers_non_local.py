@@ -163,3 +163,22 @@ def test_matches_timm_non_local_attn(train):
     for shape in [(2, C, 7, 9), (3, C, 1, 5)]:
         x = torch.randn(shape, dtype=torch.float64)
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_onnx_every_mode_sub_sampled(mode, tmp_path):
+    """The registry-wide export test builds the default mode only."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import warnings
+
+    torch.manual_seed(0)
+    m = _randomise(sa.create("non_local", 8, mode=mode, sub_sample=True)).eval()
+    x = torch.randn(2, 8, 7, 5)
+    path = tmp_path / "nl.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (x,), str(path), dynamo=False, input_names=["x"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), m(x).detach(), atol=1e-4, rtol=1e-4)

@@ -134,9 +134,8 @@ class NonLocal2d(AttentionModule):
         elif self.mode == "dot_product":
             y = theta @ (phi.transpose(1, 2) @ g / M)  # (Ci, Ci) first: O(N Ci^2)
         elif self.mode == "concatenation":
-            w = self.concat_project.weight.flatten()
-            ci = theta.shape[-1]
-            pair = (theta @ w[:ci])[:, :, None] + (phi @ w[ci:])[:, None, :]  # (B, N, M)
+            w_theta, w_phi = self.concat_project.weight.view(2, -1, 1)  # (Ci, 1) each
+            pair = theta @ w_theta + (phi @ w_phi).transpose(1, 2)  # (B, N, 1) + (B, 1, M)
             y = torch.relu(pair) @ g / M
         else:
             # on the CPU, SDPA runs its flash kernel only on 4-D inputs with unit stride
