@@ -65,7 +65,8 @@ class GlobalContext(AttentionModule):
     Deviations: ``P = max(1, int(C * ratio))`` so narrow maps work (the official block
     would build a zero-width LayerNorm). Names (``conv_mask``, ``channel_add_conv``,
     ``channel_mul_conv``) match ``ContextBlock``: official weights load as they are.
-    ``attn_impl``: ``auto`` (the pooling as one batched matmul, fused multiply-add),
+    ``attn_impl``: ``auto`` (the pooling a batched matmul without autograd, a broadcast
+    product with it, whose backward is cheaper; fused multiply-add),
     ``explicit`` (the weighted sum over positions written out); records the
     ``(B, 1, H, W)`` weights.
     """
@@ -125,9 +126,13 @@ class GlobalContext(AttentionModule):
         if self.conv_mask is not None:
             logits = F.conv2d(x, self.conv_mask.weight, self.conv_mask.bias)  # (B, 1, H, W)
             weights = logits.reshape(B, 1, H * W).softmax(-1)  # (B, 1, N)
-            # one (C, N) x (N, 1) matmul per sample; reshape copies only for channels_last
-            context = torch.bmm(x.reshape(B, C, H * W), weights.transpose(1, 2))
-            context = context.view(B, C, 1, 1)
+            xs = x.reshape(B, C, H * W)  # copies only for channels_last
+            if torch.is_grad_enabled():
+                # the GEMV's backward is a rank-1 GEMM per sample, slower on the CPU than
+                # the broadcast product's elementwise backward
+                context = (xs * weights).sum(-1).view(B, C, 1, 1)
+            else:
+                context = torch.bmm(xs, weights.transpose(1, 2)).view(B, C, 1, 1)
         else:
             context = x.mean((2, 3), keepdim=True)
         if self.channel_mul_conv is None:
