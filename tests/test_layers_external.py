@@ -96,3 +96,14 @@ def test_clear_errors():
         sa.create("external", 8, k=0)
     with pytest.raises(ValueError, match="external: channels must be positive"):
         sa.create("external", 0)
+
+
+@pytest.mark.parametrize("impl", ["auto", "explicit"])
+def test_result_may_be_modified_in_place(impl):
+    """timm's blocks add their shortcut to the attention's result in place."""
+    m = sa.create("external", 8, k=4, attn_impl=impl)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    y = m(x)
+    y += 1.0
+    y.relu_().sum().backward()
+    assert x.grad is not None

@@ -86,7 +86,7 @@ class ExternalAttention(AttentionModule):
             attn = attn / (1e-9 + attn.sum(1, keepdim=True))  # l1 over the S units
             self.record(attn)
             out = self.linear_1(attn).reshape(B, C, H, W)  # M_v A
-            return F.relu(x + self.conv2(out))
+            return torch.clamp_min(x + self.conv2(out), 0.0)  # ReLU, see below
         m_k, m_v = self.linear_0.weight[:, :, 0], self.linear_1.weight[:, :, 0]
         w_in = m_k @ self.conv1.weight[:, :, 0, 0]  # (S, C): M_k W_1
         b_in = m_k @ self.conv1.bias  # (S,)
@@ -96,9 +96,10 @@ class ExternalAttention(AttentionModule):
         attn = attn / (1e-9 + attn.sum(1, keepdim=True))
         w_out = self.conv2[0].weight[:, :, 0, 0] @ m_v  # (C, S): W_2 M_v
         out = self.conv2[1](torch.matmul(w_out, attn).view(B, C, H, W))
-        # BatchNorm's backward needs its input, not its output: residual and ReLU can
-        # reuse the output's memory instead of two more full-size tensors
-        return out.add_(x).relu_()
+        # BatchNorm's backward needs its input, not its output: the residual can reuse
+        # the output's memory. The ReLU is clamp_min, whose backward keeps its input, not
+        # its result: callers (timm's blocks) add their shortcut to our result in place
+        return torch.clamp_min(out.add_(x), 0.0)
 
     @classmethod
     def spatial_map(cls, weights: Tensor, size: tuple[int, int]) -> Tensor:
