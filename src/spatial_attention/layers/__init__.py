@@ -7,23 +7,32 @@ mechanisms without further wiring; the classes people import by name are re-expo
 import importlib as _importlib
 import pkgutil as _pkgutil
 
+from .bam import BAM
 from .base import AttentionModule
 from .bilateral import BilateralLocalAttention, FeatureSpaceLocalAttention
 from .branch import SelectiveKernel
 from .cbam import CBAM, ChannelGate, SpatialGate
 from .channel import EfficientChannelAttention, SqueezeExcite
+from .coord import CoordinateAttention
 from .cpca import ChannelPriorConvAttention
 from .cpms import ChannelPriorMultiScaleAttention
 from .cswin import CSWinAttention
 from .deformable import DeformableConv2d, DynamicConv2d
+from .ema import EMA
+from .external import ExternalAttention
 from .gam import GAM
 from .generalized import GeneralizedAttention
 from .global_attention import GlobalAttention, GlobalSubsampledAttention
+from .global_context import GlobalContext
 from .multiview import MultiViewWindowAttention
+from .non_local import NonLocal2d
 from .position import PositionEncodingGenerator, RelativePositionBias
 from .scoring import AdditiveAttention, DotProductAttention, MultiHeadAttention
+from .sge import SpatialGroupEnhance
+from .simam import SimAM
 from .subspace import SubspaceAttention
 from .temporal import TemporalAdaptiveModule, TemporalSelfAttention
+from .triplet import TripletAttention
 from .window import WindowAttention
 from .workspace import SharedWorkspace
 
@@ -32,7 +41,9 @@ for _mod in _pkgutil.iter_modules(__path__):
         _importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = [
+    "BAM",
     "CBAM",
+    "EMA",
     "GAM",
     "AdditiveAttention",
     "AttentionModule",
@@ -41,24 +52,31 @@ __all__ = [
     "ChannelGate",
     "ChannelPriorConvAttention",
     "ChannelPriorMultiScaleAttention",
+    "CoordinateAttention",
     "DeformableConv2d",
     "DotProductAttention",
     "DynamicConv2d",
     "EfficientChannelAttention",
+    "ExternalAttention",
     "FeatureSpaceLocalAttention",
     "GeneralizedAttention",
     "GlobalAttention",
+    "GlobalContext",
     "GlobalSubsampledAttention",
     "MultiHeadAttention",
     "MultiViewWindowAttention",
+    "NonLocal2d",
     "PositionEncodingGenerator",
     "RelativePositionBias",
     "SelectiveKernel",
     "SharedWorkspace",
+    "SimAM",
     "SpatialGate",
+    "SpatialGroupEnhance",
     "SqueezeExcite",
     "SubspaceAttention",
     "TemporalAdaptiveModule",
     "TemporalSelfAttention",
+    "TripletAttention",
     "WindowAttention",
 ]
