@@ -96,12 +96,14 @@ def main() -> int:
         after = _run(args.after.resolve(), Path(tmp) / "after.pt")
     rows = compare(before, after, args.tol)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("identical", "within tol")}
-    bad = [r for r in rows if r["status"] not in ("identical", "within tol")]
-    lines = [f"{len(rows)} tensors: {counts['identical']} bit-identical, "
-             f"{counts['within tol']} within {args.tol:g}, {len(bad)} beyond", "",
+    new = [r for r in rows if r["status"] == "only after"]  # mechanisms added since
+    bad = [r for r in rows if r["status"] not in ("identical", "within tol", "only after")]
+    lines = [f"{len(rows) - len(new)} tensors in both: {counts['identical']} bit-identical, "
+             f"{counts['within tol']} within {args.tol:g}, {len(bad)} beyond; "
+             f"{len(new)} new (mechanisms added since)", "",
              "| case | status | max abs diff |", "|---|---|---|"]
     lines += [f"| {r['case']} | {r['status']} | {r['max_abs']} |"
-              for r in rows if r["status"] != "identical"]
+              for r in rows if r["status"] not in ("identical", "only after")]
     text = "\n".join(lines)
     print(text)
     if args.out:
