@@ -37,7 +37,12 @@ import torch
 import torch.nn.functional as F
 
 import spatial_attention as sa
-from spatial_attention.apps.bench import interleaved_times, keep_freed_memory
+from spatial_attention.apps.bench import (
+    forward_case,
+    interleaved_times,
+    keep_freed_memory,
+    train_case,
+)
 
 Case = Callable[[], object]
 
@@ -45,24 +50,6 @@ Case = Callable[[], object]
 # -- timing: round-robin, see spatial_attention.apps.bench.interleaved_times ------------
 def interleaved(cases: dict[str, Case], repeats: int, warmup: int = 2) -> dict[str, list]:
     return interleaved_times(cases, repeats, warmup)
-
-
-def forward_case(module, x) -> Case:
-    def run():
-        with torch.no_grad():
-            module(x)
-    return run
-
-
-def train_case(module, x, grad) -> Case:
-    x = x.detach().requires_grad_()
-
-    def run():
-        x.grad = None
-        for p in module.parameters():
-            p.grad = None
-        torch.autograd.backward(module(x), grad)
-    return run
 
 
 # -- competitors -------------------------------------------------------------------------

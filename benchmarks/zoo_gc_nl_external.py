@@ -31,29 +31,16 @@ from pathlib import Path
 import torch
 
 import spatial_attention as sa
-from spatial_attention.apps.bench import interleaved_times, keep_freed_memory
+from spatial_attention.apps.bench import (
+    forward_case,
+    interleaved_times,
+    keep_freed_memory,
+    train_case,
+)
 from spatial_attention.apps.bench.memory import peak_memory_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conv_attention_cbam_gam import import_timm_layers  # noqa: E402  (the shim lives there)
-
-
-def forward_case(module, x):
-    def run():
-        with torch.no_grad():
-            return module(x)
-    return run
-
-
-def train_case(module, x, grad):
-    x = x.detach().requires_grad_()
-
-    def run():
-        x.grad = None
-        for p in module.parameters():
-            p.grad = None
-        torch.autograd.backward(module(x), grad)
-    return run
 
 
 def official(folder: str | None, module: str):

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import spatial_attention as sa
-from spatial_attention.apps.bench import interleaved_times
+from spatial_attention.apps.bench import forward_case, interleaved_times, train_case
 from spatial_attention.apps.bench.memory import TensorMemoryTracker
 
 Case = Callable[[], object]
@@ -52,24 +52,6 @@ def timm_coord_attn():
         return CoordAttn
     except Exception:  # noqa: BLE001 - not importable: not measured
         return None
-
-
-def forward_case(module, x) -> Case:
-    def run():
-        with torch.no_grad():
-            module(x)
-    return run
-
-
-def train_case(module, x, grad) -> Case:
-    x = x.detach().requires_grad_()
-
-    def run():
-        x.grad = None
-        for p in module.parameters():
-            p.grad = None
-        torch.autograd.backward(module(x), grad)
-    return run
 
 
 def peak_mib(module, x, grad) -> float:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 import spatial_attention as sa
-from spatial_attention.apps.bench import interleaved_times
+from spatial_attention.apps.bench import forward_case, interleaved_times, train_case
 
 Case = Callable[[], object]
 
@@ -48,24 +48,6 @@ def randomise(m: torch.nn.Module) -> torch.nn.Module:
         elif name.endswith("running_mean"):
             b.data.normal_()
     return m
-
-
-def forward_case(module, x) -> Case:
-    def run():
-        with torch.no_grad():
-            module(x)
-    return run
-
-
-def train_case(module, x, grad) -> Case:
-    x = x.detach().requires_grad_()
-
-    def run():
-        x.grad = None
-        for p in module.parameters():
-            p.grad = None
-        torch.autograd.backward(module(x), grad)
-    return run
 
 
 def saved_mib(module, x) -> float:

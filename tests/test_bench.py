@@ -316,3 +316,13 @@ def test_keep_freed_memory_reports_what_it_did():
         assert out == "glibc keeps freed memory (mallopt)"
     else:  # musl, macOS: mallopt is glibc's
         assert out in ("mallopt refused: allocator as is", "libc not found: allocator left as is")
+
+
+def test_timing_cases_run_forward_and_backward():
+    from spatial_attention.apps.bench import forward_case, train_case
+
+    m = registry.create("se", 8)
+    x = torch.randn(2, 8, 4, 4)
+    forward_case(m, x)()
+    train_case(m, x, torch.ones(2, 8, 4, 4))()
+    assert all(p.grad is not None for p in m.parameters())

@@ -15,11 +15,13 @@ from .bench import (
     add_arguments,
     benchmark,
     format_table,
+    forward_case,
     interleaved_times,
     keep_freed_memory,
     plot,
     profile_table,
     run,
+    train_case,
     write_csv,
 )
 from .flops import count_flops
@@ -37,7 +39,9 @@ __all__ = [
     "benchmark",
     "count_flops",
     "format_table",
+    "forward_case",
     "interleaved_times",
+    "train_case",
     "keep_freed_memory",
     "peak_memory_bytes",
     "plot",

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ... import registry
 from ...errors import UsageError
@@ -281,6 +281,27 @@ def profile_table(fn: Callable[[], Any], calls: int = 5, rows: int = 20, warmup:
             fn()
     return prof.key_averages(group_by_input_shape=True).table(
         sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def forward_case(module: nn.Module, x: Tensor) -> Callable[[], object]:
+    """A timing case: ``module(x)`` without autograd (for :func:`interleaved_times`)."""
+    def run() -> None:
+        with torch.no_grad():
+            module(x)
+    return run
+
+
+def train_case(module: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], object]:
+    """A timing case: forward and backward of ``module(x)`` with output gradient ``grad``,
+    the input and parameter gradients cleared before each call."""
+    x = x.detach().requires_grad_()
+
+    def run() -> None:
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        torch.autograd.backward(module(x), grad)
+    return run
 
 
 def interleaved_times(
