@@ -88,6 +88,28 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def rename_key_segments(state_dict: Mapping[str, Any],
+                        pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """An official checkpoint's keys renamed segment by segment, wherever the module sits.
+
+    Accepts ``{'state_dict': ...}`` as saved and strips ``DataParallel``'s ``module.``
+    prefix. Each key takes the first ``(old, ours)`` pair whose ``old`` starts the key or
+    follows a dot in it (``layer1.0.cbam.ChannelGate.mlp.1.weight``); other keys pass
+    through unchanged.
+    """
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
+        state_dict = state_dict["state_dict"]
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        new = key[len("module."):] if key.startswith("module.") else key
+        for old, ours in pairs:
+            if new.startswith(old) or f".{old}" in new:
+                new = new.replace(old, ours, 1)
+                break
+        out[new] = value
+    return out
+
+
 def _names(keys: list[str], limit: int = 6) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoint import rename_key_segments
 from ..checks import check_positive
 from ..functional.gates import ChannelMLP, SpatialConvBN, cbam_gates
 from ..registry import register
@@ -212,14 +213,4 @@ def convert_official_cbam_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Te
     pass through unchanged, so ``layer1.0.cbam.ChannelGate.mlp.1.weight`` becomes
     ``layer1.0.cbam.channel_gate.mlp.0.weight``.
     """
-    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
-        state_dict = state_dict["state_dict"]
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        new = key[len("module."):] if key.startswith("module.") else key
-        for old, ours in _OFFICIAL_KEYS:
-            if new.startswith(old) or f".{old}" in new:
-                new = new.replace(old, ours, 1)
-                break
-        out[new] = value
-    return out
+    return rename_key_segments(state_dict, _OFFICIAL_KEYS)

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import rename_key_segments
 from ..checks import check_positive
 from ..registry import register
 from .base import AttentionModule
@@ -148,14 +149,4 @@ def convert_official_triplet_keys(state_dict: Mapping[str, Tensor]) -> dict[str,
     plain state dict: ``layer1.0.triplet_attention.cw.conv.conv.weight`` becomes
     ``layer1.0.triplet_attention.cw.conv.weight``; other layers' keys pass through.
     """
-    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
-        state_dict = state_dict["state_dict"]
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        new = key[len("module."):] if key.startswith("module.") else key
-        for old, ours in _OFFICIAL_KEYS:
-            if new.startswith(old) or f".{old}" in new:
-                new = new.replace(old, ours, 1)
-                break
-        out[new] = value
-    return out
+    return rename_key_segments(state_dict, _OFFICIAL_KEYS)
