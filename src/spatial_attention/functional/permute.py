@@ -3,8 +3,8 @@
 Window attention (shift, padding), BOAT's feature-space clustering and the multi-view
 layouts all move tokens by a permutation: ``y = x.index_select(dim, index)``. Autograd
 differentiates ``index_select`` as ``index_add`` into a zeroed buffer, which on a CPU is
-a fill plus a scatter; on FSLA's (8, 56, 56, 96) training step the two ``index_add``
-backwards took about 15 ms of a 121 ms step (profiled on 2 CPU threads). When ``index``
+a fill plus a scatter, a visible share of FSLA's training step (profile in
+benchmarks/boat.md). When ``index``
 is a permutation (or a permutation plus padding slots that never receive a gradient),
 the gradient of every source row sits at exactly one output row, so the backward is one
 more gather, ``grad.index_select(dim, inverse)``.
