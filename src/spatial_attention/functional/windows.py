@@ -33,6 +33,11 @@ __all__ = [
     "WindowLayout",
     "window_layout",
     "effective_shift",
+    "grid_partition",
+    "grid_reverse",
+    "grid_token_index",
+    "grid_attention_mask",
+    "grid_layout",
 ]
 
 
@@ -291,5 +296,117 @@ def _build_layout(
 ) -> WindowLayout:
     gather, scatter = window_token_index(height, width, window_size, shift, device)
     keep, pad_h, pad_w = window_attention_mask(height, width, window_size, shift, device)
+    unscatter = inverse_index(scatter, gather.numel())
+    return WindowLayout(gather, scatter, unscatter, keep, bool(pad_h or pad_w))
+
+
+# -- grids: MaxViT's dilated partition (Tu et al. ECCV 2022, grid attention) -------------
+
+
+def grid_partition(x: Tensor, grid_size: int | tuple[int, int]) -> Tensor:
+    """``(B, H, W, C) -> (B * nW, Gh * Gw, C)``: a ``Gh x Gw`` grid of tokens ``H / Gh``
+    rows and ``W / Gw`` columns apart per group, ``nW = (H / Gh)(W / Gw)`` groups.
+
+    Group ``(a, b)`` (row-major) holds the tokens ``(i * H/Gh + a, j * W/Gw + b)`` in
+    row-major ``(i, j)`` order. H and W must be multiples of the grid (pad first).
+    """
+    gh, gw = to_2tuple(grid_size)
+    B, H, W, C = x.shape
+    if H % gh or W % gw:
+        raise ValueError(
+            f"grid_partition: map {H}x{W} is not a multiple of grid {gh}x{gw}; "
+            "pad it with pad_to_multiple first"
+        )
+    x = x.view(B, gh, H // gh, gw, W // gw, C)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(-1, gh * gw, C)
+
+
+def grid_reverse(
+    windows: Tensor, grid_size: int | tuple[int, int], height: int, width: int
+) -> Tensor:
+    """Inverse of :func:`grid_partition`: ``(B * nW, Gh * Gw, C) -> (B, H, W, C)``."""
+    gh, gw = to_2tuple(grid_size)
+    C = windows.shape[-1]
+    x = windows.view(-1, height // gh, width // gw, gh, gw, C)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(-1, height, width, C)
+
+
+def grid_token_index(
+    height: int,
+    width: int,
+    grid_size: int | tuple[int, int],
+    device: torch.device | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Pad + grid partition as one gather, and its inverse (the grid counterpart of
+    :func:`window_token_index`, same contract).
+
+    ``gather`` ``(nW * N,)``: the flat token index each slot of
+    ``grid_partition(pad_to_multiple(x))`` holds, token 0 on padding slots (their keys
+    must be masked, their queries are never read back). ``scatter`` ``(H * W,)``: the
+    slot of every real token.
+    """
+    gh, gw = to_2tuple(grid_size)
+    Hp, Wp = height + (-height) % gh, width + (-width) % gw
+    dh, dw = Hp // gh, Wp // gw  # the dilation: distance between a group's tokens
+    a = torch.arange(dh, device=device)[:, None, None, None]
+    b = torch.arange(dw, device=device)[None, :, None, None]
+    i = torch.arange(gh, device=device)[None, None, :, None]
+    j = torch.arange(gw, device=device)[None, None, None, :]
+    rows, cols = i * dh + a, j * dw + b  # (dh, 1, gh, 1), (1, dw, 1, gw)
+    real = (rows < height) & (cols < width)
+    gather = torch.where(real, rows * width + cols, 0).reshape(-1)
+    r = torch.arange(height, device=device)[:, None]
+    c = torch.arange(width, device=device)[None, :]
+    group = (r % dh) * dw + (c % dw)
+    scatter = (group * (gh * gw) + (r // dh) * gw + (c // dw)).reshape(-1)
+    return gather, scatter
+
+
+def grid_attention_mask(
+    height: int,
+    width: int,
+    grid_size: int | tuple[int, int],
+    device: torch.device | None = None,
+) -> tuple[Tensor | None, int, int]:
+    """Keep mask ``(nW, N, N)`` for grid attention over an ``H x W`` map of any size:
+    padded keys are never attended. Returns ``(mask, pad_h, pad_w)``, ``mask`` None when
+    nothing is padded. Every group keeps at least its first grid row and column real."""
+    gh, gw = to_2tuple(grid_size)
+    pad_h, pad_w = (-height) % gh, (-width) % gw
+    if not (pad_h or pad_w):
+        return None, 0, 0
+    valid = padding_mask(height, width, pad_h, pad_w, device=device)
+    keys = grid_partition(valid[None, :, :, None], (gh, gw))[..., 0]  # (nW, N)
+    keep = keys[:, None, :].expand(-1, gh * gw, -1).contiguous()
+    return keep, pad_h, pad_w
+
+
+def grid_layout(
+    height: int,
+    width: int,
+    grid_size: int | tuple[int, int],
+    device: torch.device | None = None,
+    cache: dict[Any, WindowLayout] | None = None,
+) -> WindowLayout:
+    """:class:`WindowLayout` of an ``H x W`` map cut into ``Gh x Gw`` grids, cached as
+    :func:`window_layout` caches (the key carries ``"grid"``, so one dict may hold both)."""
+    if cache is None or building_graph():
+        return _build_grid_layout(height, width, grid_size, device)
+    key = ("grid", height, width, to_2tuple(grid_size), device)
+    layout = cache.get(key)
+    if layout is None:
+        with torch.inference_mode(False):  # see window_layout
+            layout = _build_grid_layout(height, width, grid_size, device)
+        if len(cache) > 16:
+            cache.clear()
+        cache[key] = layout
+    return layout
+
+
+def _build_grid_layout(
+    height: int, width: int, grid_size: int | tuple[int, int], device: torch.device | None
+) -> WindowLayout:
+    gather, scatter = grid_token_index(height, width, grid_size, device)
+    keep, pad_h, pad_w = grid_attention_mask(height, width, grid_size, device)
     unscatter = inverse_index(scatter, gather.numel())
     return WindowLayout(gather, scatter, unscatter, keep, bool(pad_h or pad_w))
