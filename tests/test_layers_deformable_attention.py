@@ -264,3 +264,25 @@ def test_clear_errors():
     tiled = _build(stride=4, ksize=4, version="dat++")
     with pytest.raises(ValueError, match="deformable_attention: a 3x9 map is smaller"):
         tiled(torch.randn(1, 3, 9, 12))
+
+
+def test_bias_kernel_equals_its_reference():
+    """DeformableBias (grid rebuilt in backward) against the plain grid_sample."""
+    from spatial_attention.functional.kernels.deformable_bias import (
+        DeformableBias,
+        deformable_bias_reference,
+    )
+
+    torch.manual_seed(0)
+    table = torch.randn(4, 5, 7, dtype=torch.float64, requires_grad=True)
+    pos = (torch.rand(2, 2, 6, 2, dtype=torch.float64) * 2.4 - 1.2).requires_grad_()
+    queries = torch.rand(9, 2, dtype=torch.float64) * 2 - 1
+    fast = DeformableBias.apply(table, pos, queries)
+    ref = deformable_bias_reference(table, pos, queries)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=0)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(fast, (table, pos), grad)
+    want = torch.autograd.grad(ref, (table, pos), grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.autograd.gradcheck(lambda t, p: DeformableBias.apply(t, p, queries), (table, pos))

@@ -26,6 +26,7 @@ from torch.nn.modules.utils import _pair
 
 from ..checks import check_divisible, check_positive, check_probability
 from ..functional.dispatch import attention
+from ..functional.kernels.deformable_bias import deformable_bias
 from ..registry import register
 from .base import AttentionModule
 
@@ -87,12 +88,12 @@ class DeformableAttention(AttentionModule):
     Not implemented: ``no_off``, ``dwc_pe``, ``fixed_pe``, ``log_cpb``. Deviation: "dat++"
     puts a one-point axis at 0 (its code divides by zero). Keys: ``q``, ``kv`` (k then v),
     ``proj``, ``offset_*``, ``rpe_table``; :meth:`load_official_state_dict`.
-    attn_impl: ``auto`` / ``sdpa`` (the bias as SDPA's float mask, through the dispatcher),
-    ``explicit`` (the official layout and plain softmax; records positions, then weights).
+    attn_impl: ``auto`` (the bias as SDPA's float mask; with autograd on, ``kept_probs``),
+    ``sdpa``, ``kept_probs``, ``explicit`` (official layout; records positions, weights).
     """
 
     layout = "tokens"
-    attn_impls = ("auto", "explicit", "sdpa")
+    attn_impls = ("auto", "explicit", "sdpa", "kept_probs")
 
     def __init__(
         self,
@@ -226,33 +227,38 @@ class DeformableAttention(AttentionModule):
         xg = x.view(B, H, W, g, Cg).permute(0, 3, 4, 1, 2).contiguous().to(pdt)
         sampled = F.grid_sample(xg.view(B * g, Cg, H, W), pos.reshape(B * g, Hk, Wk, 2),
                                 mode="bilinear", padding_mode="zeros", align_corners=True)
-        sampled = sampled.view(B, C, Ns).transpose(1, 2).to(x.dtype)  # (B, Ns, C)
-        kv = self.kv(sampled).view(B, Ns, 2, heads, d).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)  # each (B, heads, Ns, d)
-        q = q.view(B, N, heads, d).transpose(1, 2)  # (B, heads, N, d)
-
+        sampled = sampled.view(B, C, Ns).to(x.dtype)  # channels first, as grid_sample gives
         bias = None
         if self.rpe_table is not None:
             bias = self._bias(pos, H, W, pdt)  # (B, heads, N, Ns)
+        impl = self.impl
+        if impl == "auto" and bias is not None and bias.requires_grad:
+            # a learned mask in training: keep the probabilities, from which the mask's
+            # gradient is formed (no score or mask buffer outlives its product)
+            impl = "kept_probs"
+        # k and v as 1x1 convs on that layout: (B, heads, d, Ns) blocks, read as they are
+        # by the kept-probabilities products; SDPA's fused kernel wants rows of d
+        wk, wv = self.kv.weight.unflatten(0, (2, C))[:, :, :, None].unbind(0)
+        bk, bv = self.kv.bias.view(2, C).unbind(0)
+        k = F.conv1d(sampled, wk, bk).view(B, heads, d, Ns).transpose(2, 3)
+        v = F.conv1d(sampled, wv, bv).view(B, heads, d, Ns).transpose(2, 3)
+        if impl != "kept_probs":
+            k, v = k.contiguous(), v.contiguous()
+        q = q.view(B, N, heads, d).transpose(1, 2)  # (B, heads, N, d)
         p = self.attn_drop if self.training else 0.0
-        out = attention(q, k, v, bias, scale=self.scale, dropout_p=p, impl=self.impl)
+        out = attention(q, k, v, bias, scale=self.scale, dropout_p=p, impl=impl)
         out = out.transpose(1, 2).reshape(B, H, W, C)
         return self.proj_drop(self.proj(out))
 
     def _bias(self, pos: Tensor, H: int, W: int, pdt: torch.dtype) -> Tensor:
-        """``φ(B^; R)``: the table read at ``(query - key) / 2`` for every pair, batched
-        as one ``grid_sample`` per group with the batch folded into the grid's rows."""
+        """``φ(B^; R)``, ``(B, heads, N, Ns)``: the table read at ``(query - key) / 2``
+        for every pair (one ``grid_sample`` over samples and groups, the grid rebuilt in
+        backward rather than kept: :mod:`..functional.kernels.deformable_bias`)."""
         B, g = pos.shape[:2]
         qy = grid_axis(H, self.version, False, pdt, pos.device)
         qx = grid_axis(W, self.version, False, pdt, pos.device)
-        qgrid = torch.stack(torch.meshgrid(qx, qy, indexing="xy"), -1).view(H * W, 1, 2)
-        keys = pos.transpose(0, 1).contiguous().view(g, B, 1, -1, 2)  # (g, B, 1, Ns, 2)
-        disp = (qgrid - keys).mul_(0.5)  # (g, B, N, Ns, 2), x then y
-        table = self.rpe_table.to(pdt).view(g, self.num_heads // g, *self.rpe_table.shape[1:])
-        bias = F.grid_sample(table, disp.view(g, B * H * W, -1, 2), mode="bilinear",
-                             padding_mode="zeros", align_corners=True)  # (g, hg, B·N, Ns)
-        bias = bias.view(g, -1, B, H * W, bias.shape[-1]).permute(2, 0, 1, 3, 4)
-        return bias.flatten(1, 2)  # (B, heads, N, Ns), a view
+        queries = torch.stack(torch.meshgrid(qx, qy, indexing="xy"), -1).view(H * W, 2)
+        return deformable_bias(self.rpe_table.to(pdt), pos.reshape(B, g, -1, 2), queries)
 
     def _forward_explicit(self, x: Tensor, Hk: int, Wk: int) -> Tensor:
         """The official layout, step by step: channels first, groups folded into the batch."""
