@@ -74,7 +74,8 @@ CLASSES = {"block": MaxViTBlockAttention, "grid": MaxViTGridAttention}
 @pytest.mark.parametrize("kind", ["block", "grid"])
 @pytest.mark.parametrize("size,P,rel", [((8, 8), 4, "tf"), ((7, 9), 3, "tf"), ((5, 3), 7, "tf"),
                                         ((1, 6), 2, "swin"), ((9, 4), (3, 2), None),
-                                        ((6, 10), (2, 4), "tf")])
+                                        ((6, 10), (2, 4), "tf"), ((12, 8), 4, "swin"),
+                                        ((6, 12), (2, 3), "tf")])
 def test_matches_a_group_by_group_transcription(kind, size, P, rel):
     torch.manual_seed(0)
     m = CLASSES[kind](16, 2, P, rel_pos=rel).double().eval()

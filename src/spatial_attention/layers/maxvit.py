@@ -35,10 +35,8 @@ from ..functional.scoring import additive_mask
 from ..functional.windows import (
     WindowLayout,
     grid_layout,
-    grid_partition,
     grid_reverse,
     window_layout,
-    window_partition,
     window_reverse,
 )
 from ..registry import register
@@ -152,13 +150,30 @@ class _PartitionAttention(AttentionModule):
             return window_layout(H, W, self.size, (0, 0), device, self._layouts)
         return grid_layout(H, W, self.size, device, self._layouts)
 
-    def _split(self, x: Tensor) -> Tensor:
-        split = window_partition if self.partition == "block" else grid_partition
-        return split(x, self.size)
+    def _split_heads(self, qkv: Tensor, H: int, W: int) -> Tensor:
+        """``(B, H, W, 3C) -> (3, B, nW, heads, Ph, Pw, d)``: q, k, v of every group as a
+        view (the caller's reshape to ``N = Ph·Pw`` copies)."""
+        B = qkv.shape[0]
+        ph, pw = self.size
+        h, d = self.num_heads, self.head_dim
+        if self.partition == "block":  # rows as (H/P, P): the group is the first factor
+            qkv = qkv.view(B, H // ph, ph, W // pw, pw, 3, h, d)
+            return qkv.permute(5, 0, 1, 3, 6, 2, 4, 7)
+        # grid: rows as (G, H/G), the group is the second factor
+        qkv = qkv.view(B, ph, H // ph, pw, W // pw, 3, h, d)
+        return qkv.permute(5, 0, 2, 4, 6, 1, 3, 7)
 
-    def _merge(self, groups: Tensor, H: int, W: int) -> Tensor:
-        merge = window_reverse if self.partition == "block" else grid_reverse
-        return merge(groups, self.size, H, W)
+    def _merge_heads(self, out: Tensor, H: int, W: int) -> Tensor:
+        """``(B, nW, heads, N, d) -> (B, H·W, C)``: the reverse partition and the head
+        merge as one permuted copy (``window_reverse`` / ``grid_reverse`` of the
+        head-merged groups)."""
+        B, _, h, _, d = out.shape
+        ph, pw = self.size
+        if self.partition == "block":  # groups (H/P, W/P), P x P tokens each
+            out = out.view(B, H // ph, W // pw, h, ph, pw, d).permute(0, 1, 4, 2, 5, 3, 6)
+        else:  # groups (H/G, W/G), token (i, j) of group (a, b) at (i·H/G + a, j·W/G + b)
+            out = out.view(B, H // ph, W // pw, h, ph, pw, d).permute(0, 4, 1, 5, 2, 3, 6)
+        return out.reshape(B, H * W, h * d)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, self.dim)
@@ -167,12 +182,20 @@ class _PartitionAttention(AttentionModule):
         layout = self._layout(H, W, x.device)
         keep = layout.keep
         nW = layout.gather.numel() // N
-        if keep is None:  # no padding: the partition is a permuted copy
-            tokens = self._split(x).view(B, nW * N, C)
+        h, d = self.num_heads, self.head_dim
+        if keep is None:  # no padding: qkv on the map, its groups are a permuted view
+            qkv = self._split_heads(self.qkv(x), H, W)
         else:  # pad + partition as one gather; padding slots read token 0, masked as keys
             tokens = permute_rows(x.reshape(B, H * W, C), 1, layout.gather, layout.scatter)
-        qkv = self.qkv(tokens).view(B, nW, N, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, d)
+            qkv = self.qkv(tokens).view(B, nW, N, 3, h, d).permute(3, 0, 1, 4, 2, 5)
+        # q, k, v as contiguous (B, nW, heads, N, d) in two copies that the batched
+        # matmuls take as they are (no copy of their own): q alone (no backward keeps it),
+        # k and v together (kept); the linear's output is then free
+        q, kv = qkv.split([1, 2])
+        del qkv
+        q = q.reshape(B, nW, h, N, d)
+        k, v = kv.reshape(2, B, nW, h, N, d).unbind(0)
+        del kv
         mask = self.position_bias()
         if mask is not None:
             mask = mask.to(q.dtype)[None]  # (1, heads, N, N), shared by every group
@@ -186,11 +209,10 @@ class _PartitionAttention(AttentionModule):
             out, weights = attention(q, k, v, mask, scale=self.scale, dropout_p=p,
                                      impl="explicit", return_weights=True)
             self.record(weights)  # (B, nW, heads, N, N)
-        out = out.transpose(2, 3).reshape(B * nW, N, C)
-        if keep is None:
-            out = self._merge(out, H, W).reshape(B, H * W, C)
+        if keep is None:  # heads back to channels and groups back to the map: one copy
+            out = self._merge_heads(out, H, W)
         else:
-            out = permute_rows(out.reshape(B, nW * N, C), 1, layout.scatter,
+            out = permute_rows(out.transpose(2, 3).reshape(B, nW * N, C), 1, layout.scatter,
                                layout.unscatter, zero_row=layout.padded)
         return self.proj_drop(self.proj(out)).view(B, H, W, C)
 
