@@ -128,11 +128,26 @@ def test_routing_is_detached_unless_differentiable():
     torch.manual_seed(2)
     x = torch.randn(1, 6, 6, 8, dtype=torch.float64)
     m = BiLevelRoutingAttention(8, 1, n_win=3, topk=2, soft_routing=True).double()
-    r_weight, _ = m.route(x.requires_grad_(), (2, 2), None)
-    assert not r_weight.requires_grad
-    m.diff_routing = True
-    r_weight, _ = m.route(x, (2, 2), None)
-    assert r_weight.requires_grad
+    for diff in (False, True):
+        m.diff_routing = diff
+        q, k = (torch.randn(1, 6, 6, 8, dtype=torch.float64, requires_grad=True)
+                for _ in range(2))
+        r_weight, _ = m.route(x, q, k, (2, 2), None)
+        assert r_weight.requires_grad == diff
+
+
+def test_half_precision_routes_in_float32_from_the_input():
+    """In bfloat16 the region affinities come from W applied to the region means of x in
+    float32: the float32 routes, where the bf16 queries' rounding would move some."""
+    torch.manual_seed(6)
+    m = BiLevelRoutingAttention(32, 2, n_win=4, topk=3).eval()
+    x = torch.randn(2, 16, 16, 32)
+    with torch.no_grad(), capture_attention(m) as maps:
+        m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x)
+    full, low = maps.calls("")[0], maps.calls("")[3]
+    assert torch.equal(full, low)
 
 
 def test_spatial_map_counts_routes():

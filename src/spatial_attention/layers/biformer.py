@@ -67,8 +67,7 @@ class BiLevelRoutingAttention(AttentionModule):
     LCE. Here ``qkv`` runs on the real tokens, q, k, v are zero-padded after it (as the
     official's ``bra_nchw``); padded keys are masked out of the softmax, region means count
     real tokens only (regions with none are routed to last, their keys all masked), and LCE
-    convolves the unpadded values. Divisible sizes: the official's output (to rounding;
-    region means are taken on ``x`` and projected, the same affine map).
+    convolves the unpadded values. Divisible sizes: the official's output (to rounding).
     Official keys: :meth:`load_official_state_dict`.
     attn_impl: ``auto``, ``sdpa``, ``kept_probs`` (one row gather, one dispatcher call over
     all regions), ``explicit`` (regions partitioned, routed regions indexed, softmax written
@@ -154,7 +153,7 @@ class BiLevelRoutingAttention(AttentionModule):
         Hp, Wp = H + pad_h, W + pad_w
         region = (Hp // S, Wp // S)
         valid = padding_mask(H, W, pad_h, pad_w, device=x.device) if pad_h or pad_w else None
-        r_weight, r_idx = self.route(x, region, valid)  # (B, S², k) each
+        r_weight, r_idx = self.route(x, q, k, region, valid)  # (B, S², k) each
         r_weight = r_weight.to(q.dtype)
         if self.impl == "explicit":
             out = self._explicit(q, k, v, region, valid, r_weight, r_idx)
@@ -162,37 +161,44 @@ class BiLevelRoutingAttention(AttentionModule):
             out = self._gathered(q, k, v, region, valid, r_weight, r_idx)
         return self.wo(out[:, :H, :W] + lce)
 
-    def route(self, x: Tensor, region: tuple[int, int], valid: Tensor | None
-              ) -> tuple[Tensor, Tensor]:
-        """Region-to-region routing of a ``(B, H, W, C)`` map: the softmax of the
-        ``topk`` affinities and their region indices, ``(B, S², k)``.
+    def route(self, x: Tensor, q: Tensor, k: Tensor, region: tuple[int, int],
+              valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Region-to-region routing: the softmax of the ``topk`` affinities and their region
+        indices, ``(B, S², k)``, from the input ``(B, H, W, C)`` and its padded queries and
+        keys ``(B, Hp, Wp, Cqk)``.
 
-        ``Q^r``, the mean of a region's queries, is ``W_q`` applied to the mean of its
-        tokens (the projection is affine), so the means are taken over ``C`` input channels
-        and projected once per region; in bfloat16/float16 (autocast) this runs in float32,
-        as a rounding of the affinities could change which regions are routed."""
-        B, H, W, C = x.shape
-        S, cq, (rh, rw) = self.n_win, self.qk_dim, region
-        weight, bias = self.qkv.weight[:2 * cq], self.qkv.bias[:2 * cq]
+        ``Q^r, K^r`` are the means of each region's queries and keys. In bfloat16/float16
+        they are instead ``W_q, W_k`` applied in float32 to the mean of the region's input
+        tokens (the same affine map), as a rounding of the affinities could change which
+        regions are routed."""
+        B, Hp, Wp, cq = q.shape
+        S, (rh, rw) = self.n_win, region
+        exact = q.dtype in (torch.float32, torch.float64)
+        dtype = q.dtype if exact else torch.float32
         emb = self.router_emb
-        emb_params = (emb.weight, emb.bias) if emb is not None else None
         if not self.diff_routing:
-            x, weight, bias = x.detach(), weight.detach(), bias.detach()
-        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+            x, q, k = x.detach(), q.detach(), k.detach()
         with torch.autocast(x.device.type, enabled=False):
-            x = pad_to_multiple(x.to(dtype), S)[0]
-            # one axis at a time: a joint sum over the two region axes is slow
-            sums = x.view(B, S, rh, S, rw, C).sum(4).sum(2).view(B, S * S, C)
-            empty = None
-            if valid is None:
-                means = sums / (rh * rw)
-            else:
+            counts, empty = float(rh * rw), None
+            if valid is not None:
                 counts = valid.view(S, rh, S, rw).sum(3).sum(1).view(S * S, 1)
-                means = sums / counts.clamp_min(1).to(dtype)
                 empty = counts.view(S * S) == 0  # regions of padding alone
-            q_r, k_r = F.linear(means, weight.to(dtype), bias.to(dtype)).split(cq, dim=-1)
-            if emb_params is not None:
-                w_e, b_e = (t.to(dtype) for t in emb_params)
+                counts = counts.clamp_min(1).to(dtype)
+
+            def means(t: Tensor) -> Tensor:  # one axis at a time: a joint sum is slow
+                c = t.shape[-1]
+                return t.view(B, S, rh, S, rw, c).sum(4).sum(2).view(B, S * S, c) / counts
+
+            if exact:
+                q_r, k_r = means(q), means(k)
+            else:
+                w, b = self.qkv.weight[:2 * cq].float(), self.qkv.bias[:2 * cq].float()
+                if not self.diff_routing:
+                    w, b = w.detach(), b.detach()
+                x_r = means(pad_to_multiple(x.float(), S)[0])
+                q_r, k_r = F.linear(x_r, w, b).split(cq, dim=-1)
+            if emb is not None:
+                w_e, b_e = emb.weight.to(dtype), emb.bias.to(dtype)
                 q_r, k_r = F.linear(q_r, w_e, b_e), F.linear(k_r, w_e, b_e)
             logits = (q_r * self.scale) @ k_r.transpose(-2, -1)  # (B, S², S²)
             if empty is not None:
