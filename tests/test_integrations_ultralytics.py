@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 import torch
 
 import spatial_attention as sa
+from spatial_attention import cli
 from spatial_attention.capture import capture_attention
 
 # Ultralytics reads these when it is imported: settings in a throwaway directory, no
@@ -167,26 +169,33 @@ def _expected_channels(cfg: dict, scale: str) -> list[int]:
     return out
 
 
-def _forward_640(model) -> None:
+def _forward_640(model, task: str = "detect", size: int = 640) -> None:
     net = model.model.eval()
     with torch.no_grad():
-        out = net(torch.zeros(1, 3, 640, 640))
+        out = net(torch.zeros(1, 3, size, size))
     y = out[0] if isinstance(out, (list, tuple)) else out
-    assert y.shape == (1, 4 + net.yaml["nc"], 80 * 80 + 40 * 40 + 20 * 20)
+    extra = {"detect": 0, "segment": 32, "pose": 17 * 3}[task]  # mask coefficients, keypoints
+    if task == "segment":  # (boxes + classes + mask coefficients, prototypes)
+        y, protos = y
+        assert protos.shape == (1, 32, size // 4, size // 4) and torch.isfinite(protos).all()
+    cells = sum((size // stride) ** 2 for stride in (8, 16, 32))  # P3, P4, P5
+    assert y.shape == (1, 4 + net.yaml["nc"] + extra, cells)
     assert torch.isfinite(y).all()
 
 
-def _check_scales(path: Path, mechanism: str, scales=("n", "s")) -> None:
-    cfg = sa_yolo.yolo_config(*path.stem.split("-", 1)[:1], mechanism)
+def _check_scales(path: Path, mechanism: str, scales=("n", "s"), task: str = "detect",
+                  size: int = 640) -> None:
+    cfg = sa_yolo.yolo_config(path.stem.split("-", 1)[0], mechanism, task=task)
     widths = []
     for scale in scales:
         model = sa_yolo.build_yolo(path, scale)
+        assert model.task == task
         layers = _attention_layers(model.model)
         assert len(layers) == ATTENTION_ROWS
         assert all(type(m).__name__ == f"SA_{mechanism}" for m in layers)
         assert [m.c1 for m in layers] == _expected_channels(cfg, scale)
         assert model.model.yaml["scale"] == scale
-        _forward_640(model)
+        _forward_640(model, task, size)
         widths.append([m.c1 for m in layers])
     assert widths[0] != widths[1]  # one YAML, channels follow the scale
 
@@ -242,9 +251,11 @@ def test_clear_errors_for_bad_rows():
              "head": []}
         return tasks.parse_model(d, ch=3, verbose=False)
 
-    with pytest.raises(ValueError, match="unknown mechanism 'sse'; did you mean se"):
+    with pytest.raises(ValueError, match=r"YOLO layer 'sa.sse' \(row 2 of the model YAML\): "
+                       r"unknown mechanism 'sse' \(did you mean sa.se"):
         parse([-1, 1, "sa.sse", []])
-    with pytest.raises(ValueError, match="'multi_head' is a 'sequence' mechanism"):
+    with pytest.raises(ValueError, match="'sa.multi_head' .*'multi_head' is a 'sequence' "
+                       "mechanism; the sa.<name> layers available: .*sa.cbam"):
         parse([-1, 1, "sa.multi_head", []])
     with pytest.raises(ValueError, match="reads one input, got from=\\[-1, 0\\]"):
         parse([[-1, 0], 1, "sa.se", []])
@@ -287,6 +298,60 @@ def test_shipped_yaml_is_what_the_generator_writes(name):
     made = made.replace("yolov8-se", name)
     assert text == made
     assert sa_yolo.config_path(f"{base}s-{mechanism}") == sa_yolo.config_path(name)
+
+
+# segmentation and pose: Ultralytics' -seg / -pose heads on the same layout
+TASK_SHIPPED = [(f"{base}-{suffix}-{m}", task) for base in ("yolo11", "yolov8")
+                for task, suffix in (("segment", "seg"), ("pose", "pose"))
+                for m in ("cbam", "coord")]
+
+
+@pytest.mark.parametrize("name,task", TASK_SHIPPED)
+def test_shipped_task_yaml_is_what_the_generator_writes(name, task):
+    base, _, mechanism = name.split("-")
+    assert name in sa_yolo.list_configs() and name in sa_yolo.list_configs(task)
+    assert sa_yolo.config_task(name) == task == sa_yolo.config_task(name.replace(base, base + "m"))
+    text = sa_yolo.config_path(name).read_text()
+    made = sa_yolo.yolo_yaml(base, "se", task=task).replace("sa.se", f"sa.{mechanism}")
+    made = made.replace("'se'", repr(mechanism)).replace(f"{name[:-len(mechanism)]}se", name)
+    assert text == made
+    cfg = sa_yolo.yolo_config(base, mechanism, task=task)
+    head = {"segment": ["Segment", ["nc", 32, 256]], "pose": ["Pose", ["nc", "kpt_shape"]]}[task]
+    assert cfg["head"][-1][2:] == head
+    assert cfg.get("kpt_shape") == ([17, 3] if task == "pose" else None)
+    # Ultralytics' own files: YOLOv8 pose has one class, the others 80
+    assert cfg["nc"] == (1 if (base, task) == ("yolov8", "pose") else 80)
+    assert sa_yolo.config_path(f"{base}s-{task[:3] if task == 'segment' else task}-{mechanism}") \
+        == sa_yolo.config_path(name)
+
+
+def test_generator_layouts_match_ultralytics_own_yamls():
+    """Every row that is not ours equals Ultralytics' YAML (module, repeats, arguments)."""
+    import yaml
+    from ultralytics.utils import ROOT
+
+    for base, folder in (("yolo11", "11"), ("yolov8", "v8")):
+        for task, suffix in (("detect", ""), ("segment", "-seg"), ("pose", "-pose")):
+            ref = yaml.safe_load((ROOT / "cfg" / "models" / folder / f"{base}{suffix}.yaml")
+                                 .read_text())
+            ours = sa_yolo.yolo_config(base, "se", task=task)
+
+            def rows(cfg):
+                return [(n, m, [None if a == "None" else a for a in args])
+                        for _, n, m, args in cfg["backbone"] + cfg["head"]
+                        if not m.startswith("sa.")]
+
+            assert rows(ours) == rows(ref), (base, task)
+            assert (ours["nc"], ours.get("kpt_shape"), ours["scales"]) == (
+                ref["nc"], ref.get("kpt_shape"), ref["scales"])
+
+
+@pytest.mark.parametrize("name,task", TASK_SHIPPED)
+def test_shipped_task_yaml_two_scales_forward_640(name, task):
+    mechanism = name.split("-")[2]
+    _needs(mechanism)
+    # 320 x 320 keeps the suite short; the detection files run at 640 with the same layers
+    _check_scales(sa_yolo.config_path(name), mechanism, task=task, size=320)
 
 
 @pytest.mark.parametrize("base,mechanism", [("yolo11", "se"), ("yolov8", "eca")])
@@ -386,6 +451,57 @@ def test_shipped_yaml_train_reload_predict(tmp_path, data_yaml, name):
     _train_reload_predict(name, mechanism, data_yaml, tmp_path)
 
 
+def _task_data_yaml(root: Path, task: str) -> Path:
+    """The hand-labelled boxes as a segmentation set (each box a 4-corner polygon) or a
+    pose set (4 keypoints per box: its corners, all visible)."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for image, ((w, h), boxes) in LABELS.items():
+        shutil.copy(ASSETS / image, root / "images" / image)
+        lines = []
+        for c, x1, y1, x2, y2 in boxes:
+            corners = [(x1 / w, y1 / h), (x2 / w, y1 / h), (x1 / w, y2 / h), (x2 / w, y2 / h)]
+            if task == "segment":  # polygon: x y per point, around the box
+                ring = [corners[i] for i in (0, 1, 3, 2)]
+                values = [f"{v:.6f}" for xy in ring for v in xy]
+            else:  # box, then x y visibility per keypoint
+                box = [(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h]
+                values = [f"{v:.6f}" for v in box]
+                values += [f"{v:.6f}" if i < 2 else "2" for xy in corners
+                           for i, v in enumerate((*xy, 2))]
+            lines.append(" ".join([str(c), *values]))
+        (root / "labels" / f"{Path(image).stem}.txt").write_text("\n".join(lines) + "\n")
+    extra = "kpt_shape: [4, 3]\nflip_idx: [1, 0, 3, 2]\n" if task == "pose" else ""
+    names = "".join(f"  {k}: {v}\n" for k, v in NAMES.items())
+    (root / "data.yaml").write_text(
+        f"path: {root}\ntrain: images\nval: images\n{extra}names:\n{names}"
+    )
+    return root / "data.yaml"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,task", [("yolo11-seg-cbam", "segment"),
+                                       ("yolov8-pose-coord", "pose")])
+def test_shipped_task_yaml_train_reload_predict(tmp_path, name, task):
+    mechanism = name.split("-")[2]
+    _needs(mechanism)
+    data = _task_data_yaml(tmp_path / "data", task)
+    model = sa_yolo.build_yolo(name, "n")
+    best = _train(model, data, tmp_path / "runs", epochs=1)
+    reloaded = YOLO(str(best))
+    assert reloaded.task == task
+    assert len(_attention_layers(reloaded.model)) == ATTENTION_ROWS
+    if task == "pose":  # the data's kpt_shape replaces the YAML's [17, 3]
+        assert reloaded.model.yaml["kpt_shape"] == [4, 3]
+    result = reloaded.predict(str(ASSETS / "bus.jpg"), imgsz=IMGSZ_TRAIN, conf=0.001,
+                              device="cpu", save=False, verbose=False)[0]
+    assert result.names == NAMES
+    if task == "segment":
+        assert result.masks is not None and result.masks.data.shape[0] == len(result.boxes)
+    else:
+        assert result.keypoints is not None and result.keypoints.data.shape[1:] == (4, 3)
+
+
 @pytest.mark.slow
 def test_checkpoint_reloads_in_a_fresh_process(tmp_path, data_yaml):
     """Nothing registered, nothing of ours imported: unpickling finds the SA_ classes."""
@@ -412,6 +528,173 @@ def test_checkpoint_reloads_in_a_fresh_process(tmp_path, data_yaml):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "['SA_se']" in done.stdout
+
+
+# -- a mistyped layer, with and without register() ------------------------------------------
+
+
+def _typo_yaml(tmp_path: Path) -> Path:
+    """The shipped YOLO11 + SE layout with its first attention row written ``sa.cbma``."""
+    text = sa_yolo.yolo_yaml("yolo11", "se")
+    path = tmp_path / "yolo11-typo.yaml"
+    path.write_text(text.replace("sa.se, []", "sa.cbma, []", 1))
+    return path
+
+
+def test_unknown_layer_names_itself_and_the_available_ones(tmp_path, capsys):
+    path = _typo_yaml(tmp_path)
+    sa_yolo.register()
+    # plain Ultralytics, after register(): our message, not KeyError: 'sa.cbma'
+    with pytest.raises(ValueError, match=r"YOLO layer 'sa.cbma' \(row 9 of the model YAML\): "
+                       r"unknown mechanism 'cbma' \(did you mean sa.cbam.*\); the sa.<name> "
+                       r"layers available: .*sa.cbam, .*sa.se"):
+        YOLO(str(path))
+    with pytest.raises(ValueError, match="YOLO layer 'sa.cbma'"):
+        sa_yolo.build_yolo(path)
+    # the command line: one line on stderr, exit 2, before any training
+    assert cli.main(["yolo", "train", f"model={path}", "data=missing.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spatial-attention yolo: error: YOLO layer 'sa.cbma' (row 9")
+    assert "sa.cbam" in err and len(err.splitlines()) == 1
+    # a shipped name with a typo is caught before Ultralytics looks for it
+    assert cli.main(["yolo", "train", "model=yolo11s-cbma.yaml"]) == 2
+    assert "unknown YOLO config 'yolo11s-cbma'; did you mean yolo11-cbam" in capsys.readouterr().err
+
+
+def test_without_register_ultralytics_raises_its_own_key_error(tmp_path):
+    """What the docs tell users: nothing of ours runs before register(), so Ultralytics'
+    bare KeyError is all there is (a valid name fails the same way)."""
+    path = tmp_path / "yolo11-se.yaml"
+    path.write_text(sa_yolo.yolo_yaml("yolo11", "se"))
+    sa_yolo.unregister()
+    try:
+        with pytest.raises(KeyError, match="sa.se"):
+            YOLO(str(path))
+    finally:
+        sa_yolo.register()
+    assert len(_attention_layers(YOLO(str(path)).model)) == ATTENTION_ROWS
+
+
+# -- spatial-attention yolo, and the docs page ----------------------------------------------
+
+DOCS = REPO / "docs" / "integrations.md"
+
+
+def _docs_block(language: str, containing: str) -> str:
+    """The one fenced block of docs/integrations.md in ``language`` that has ``containing``."""
+    blocks, current, lang = [], None, ""
+    for line in DOCS.read_text().splitlines():
+        if line.strip().startswith("```"):
+            if current is None:
+                current, lang = [], line.strip()[3:]
+            else:
+                blocks.append((lang, "\n".join(current) + "\n"))
+                current = None
+        elif current is not None:
+            current.append(line)
+    found = [b for lang, b in blocks if lang == language and containing in b]
+    assert len(found) == 1, f"docs: {len(found)} {language!r} blocks with {containing!r}"
+    return found[0]
+
+
+@pytest.fixture
+def _runs_here(monkeypatch, tmp_path):
+    """A relative or missing project= would put runs under Ultralytics' runs_dir (under
+    tests/tmp next to its package while pytest runs): the documented calls give an
+    absolute project=; this checks that nothing went the other way."""
+    from ultralytics import cfg
+
+    stray = tmp_path / "stray-runs"
+    monkeypatch.setattr(cfg, "TESTS_RUNNING", False)
+    monkeypatch.setattr(cfg, "SETTINGS", {**cfg.SETTINGS, "runs_dir": str(stray)})
+    yield
+    assert not stray.exists(), f"a run went to the runs_dir setting: {list(stray.rglob('*'))}"
+
+
+def test_model_argument_resolves_shipped_names_only(tmp_path):
+    shipped = sa_yolo.config_path("yolov8-seg-cbam")
+    assert Path(sa_yolo.model_argument("yolov8s-seg-cbam.yaml")).name == "yolov8s-seg-cbam.yaml"
+    assert Path(sa_yolo.model_argument("yolov8-seg-cbam")).name == "yolov8n-seg-cbam.yaml"
+    for value in ("yolo11n.pt", "yolo11n.yaml", "runs/x/best.pt", str(shipped)):
+        assert sa_yolo.model_argument(value) == value  # Ultralytics' own, or paths
+    local = tmp_path / "yolo11-cbam.yaml"
+    local.write_text("nc: 1\n")
+    assert sa_yolo.model_argument("yolo11-cbam.yaml") == "yolo11-cbam.yaml"  # a local file wins
+    with pytest.raises(ValueError, match="unknown YOLO config 'yolo11-cbma'"):
+        sa_yolo.model_argument("yolo11-cbma.yaml")
+
+
+def test_list_and_path(capsys):
+    assert cli.main(["yolo", "--list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in out[1:]}
+    assert set(rows) == set(sa_yolo.list_configs())
+    assert rows["yolo11-pose-cbam"][0] == "pose" and rows["yolov8-seg-coord"][0] == "segment"
+    assert Path(rows["yolo11-cbam"][1]) == sa_yolo.config_path("yolo11-cbam")
+    assert cli.main(["yolo", "--path", "yolo11s-seg-cbam"]) == 0
+    assert capsys.readouterr().out.strip() == str(sa_yolo.config_path("yolo11-seg-cbam"))
+
+
+def test_docs_python_snippet_runs(tmp_path, _runs_here):
+    code = _docs_block("python", "build_yolo(")
+    scope: dict = {}
+    exec(compile(code, "docs/integrations.md (Ultralytics)", "exec"), scope)
+    assert Path(scope["model"].trainer.best).is_relative_to(tmp_path / "runs" / "tiny")
+    assert len(_attention_layers(scope["best"].model)) == ATTENTION_ROWS
+    assert scope["results"][0].names == {0: "person", 1: "bus"}
+
+
+@pytest.mark.slow
+def test_yolo_command_passes_through_train_val_predict_export(tmp_path, _runs_here, capsys):
+    """The documented commands, run as written (one tiny epoch), after the snippet's
+    dataset part."""
+    snippet = _docs_block("python", "build_yolo(")
+    exec(compile(snippet.split("model = build_yolo")[0], "docs dataset", "exec"), {})
+    commands = [line.split("  #")[0].replace("$PWD", str(tmp_path))
+                for line in _docs_block("", "spatial-attention yolo train").splitlines()
+                if line.startswith("spatial-attention yolo")]
+    modes = [shlex.split(c)[2] for c in commands]
+    assert modes == ["--list", "--path", "train", "val", "predict", "export"]
+    for command in commands:
+        if "format=onnx" in command:
+            pytest.importorskip("onnx")
+        argv = shlex.split(command)[1:]
+        assert cli.main(argv) == 0, (command, capsys.readouterr().err[-2000:])
+    best = tmp_path / "runs" / "cli" / "weights" / "best.pt"
+    model = YOLO(str(best))
+    assert model.model.yaml["scale"] == "n" and model.ckpt["train_args"]["epochs"] == 1
+    assert [type(m).__name__ for m in _attention_layers(model.model)] == ["SA_cbam"] * 5
+    assert (tmp_path / "runs" / "val").is_dir()
+    # the exported graph keeps height and width free (dynamic=True)
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(best.with_suffix(".onnx")),
+                                   providers=["CPUExecutionProvider"])
+    net = model.model.float().eval()
+    for h, w in ((160, 160), (96, 224)):
+        x = torch.rand(1, 3, h, w)
+        (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            ref = net(x)[0]
+        torch.testing.assert_close(torch.from_numpy(y), ref, atol=1e-3, rtol=1e-3)
+
+
+def test_yolo_command_refuses_a_torchvision_without_operators(monkeypatch, capsys):
+    """Where torchvision's operators do not load (a fresh process here: no test shim), the
+    command says so in one line instead of failing inside Ultralytics' validator."""
+    code = ("from spatial_attention.integrations.ultralytics import torchvision_problem\n"
+            "print(torchvision_problem())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    problem = done.stdout.strip().splitlines()[-1]
+    if problem == "None":
+        pytest.skip("torchvision imports here: nothing to refuse")
+    assert problem.startswith("torchvision ") and "cannot load its compiled operators" in problem
+    assert sa_yolo.torchvision_problem() is None  # this process has the shim
+    monkeypatch.setattr(sa_yolo, "torchvision_problem", lambda: problem)
+    assert cli.main(["yolo", "val", "model=yolo11-cbam.yaml", "data=data.yaml"]) == 2
+    assert capsys.readouterr().err == f"spatial-attention yolo: error: {problem}\n"
+    assert cli.main(["yolo", "--list"]) == 0  # what needs no torchvision still works
 
 
 # -- the test-only torchvision shim ---------------------------------------------------------

@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "(resumable queue; results.csv, summary.md, summary.png)")
     compare.add_arguments(p)
     p.set_defaults(func=compare.run)
+
+    from .integrations import ultralytics_cli as yolo_cli
+
+    p = sub.add_parser("yolo", help="Ultralytics' yolo command (train, val, predict, export) "
+                       "with the sa.<name> layers; --list shows the shipped YAMLs")
+    yolo_cli.add_arguments(p)
+    p.set_defaults(func=yolo_cli.run)
     return parser
 
 

@@ -5,6 +5,11 @@
 >>> model = build_yolo("yolo11-cbam", scale="s")   # an ultralytics.YOLO
 >>> model.train(data="data.yaml", epochs=100)
 
+Shipped YAMLs (:func:`list_configs`, :func:`config_path`) cover detection
+(``yolo11-cbam``), segmentation (``yolo11-seg-cbam``) and pose (``yolo11-pose-cbam``);
+``spatial-attention yolo train model=yolo11s-cbam.yaml data=...`` is Ultralytics' own
+command line with these layers (:func:`yolo_command`).
+
 In a model YAML a mechanism is written ``sa.<name>`` and takes no channel argument::
 
     - [-1, 1, C3k2, [512, False]]
@@ -37,31 +42,40 @@ again (Ultralytics rebuilds it from its YAML). Everything is undone by :func:`un
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..registry import create, info, unknown_name_error
+from ..registry import create, info
 from .timm import compatible_mechanisms, frame_map_problem
 
 __all__ = [
     "PREFIX",
     "SCALES",
     "SHIPPED_MECHANISMS",
+    "SHIPPED_TASK_MECHANISMS",
+    "TASKS",
+    "TorchvisionError",
     "YOLOAttention",
     "build_yolo",
+    "config_name",
     "config_path",
+    "config_task",
     "layer_class",
     "list_configs",
+    "model_argument",
     "register",
     "registered",
+    "torchvision_problem",
     "unregister",
+    "yolo_command",
     "yolo_config",
     "yolo_yaml",
 ]
@@ -183,10 +197,29 @@ def _tasks():
     return tasks
 
 
-def _rewrite_row(row: list) -> list:
+def _layer_error(module: str, index: int, problem: str) -> ValueError:
+    """A bad ``sa.<name>`` row: the layer as written, where it is, why, and what exists."""
+    return ValueError(
+        f"YOLO layer {module!r} (row {index} of the model YAML): {problem}; the {PREFIX}<name> "
+        f"layers available: {', '.join(PREFIX + n for n in compatible_mechanisms())}"
+    )
+
+
+def _rewrite_row(row: list, index: int = -1) -> list:
     f, n, m, args = row[:4]
     name = m[len(PREFIX):]
-    layer_class(name)  # unknown or non-map names: a clear ValueError before Ultralytics runs
+    # unknown or non-map names: a clear ValueError before Ultralytics runs
+    known = compatible_mechanisms()
+    if name not in known:
+        try:
+            problem = frame_map_problem(name)
+        except ValueError:  # not registered at all
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join(PREFIX + c for c in close)}?)" if close else ""
+            problem = f"unknown mechanism {name!r}{hint}"
+        if problem:
+            raise _layer_error(m, index, problem)
+    layer_class(name)
     args = list(args or [])
     if f == -1:
         lead = ["c2"]  # parse_model's local: output channels of the previous layer
@@ -210,10 +243,11 @@ def _wrap(parse_model):
         rows = [*d.get("backbone", []), *d.get("head", [])]
         if any(isinstance(r[2], str) and r[2].startswith(PREFIX) for r in rows):
             d = dict(d)
+            start = {"backbone": 0, "head": len(d.get("backbone", []))}
             for part in ("backbone", "head"):
                 d[part] = [
-                    _rewrite_row(r) if isinstance(r[2], str) and r[2].startswith(PREFIX) else r
-                    for r in d.get(part, [])
+                    _rewrite_row(r, i) if isinstance(r[2], str) and r[2].startswith(PREFIX) else r
+                    for i, r in enumerate(d.get(part, []), start=start[part])
                 ]
             _inject(_tasks())  # mechanisms registered after register() work too
         return parse_model(d, ch, verbose)
@@ -383,34 +417,72 @@ _LAYOUTS: dict[str, dict[str, Any]] = {
     },
 }
 
-#: the mechanisms the shipped YAMLs use
-SHIPPED_MECHANISMS = ("cbam", "gam", "cpms")
+# The same layouts with Ultralytics' segmentation and pose heads (its yolo11-seg / -pose and
+# yolov8-seg / -pose YAMLs): only the last row and, for pose, ``kpt_shape`` differ. ``nc``
+# is Ultralytics' default for that file (training takes the class count from the data).
+TASKS = ("detect", "segment", "pose")
+_HEADS: dict[str, dict[str, Any]] = {
+    "detect": {"module": "Detect", "args": ["nc"], "suffix": "", "title": "object detection"},
+    "segment": {
+        "module": "Segment", "args": ["nc", 32, 256], "suffix": "seg",
+        "title": "instance segmentation",
+    },
+    "pose": {
+        "module": "Pose", "args": ["nc", "kpt_shape"], "suffix": "pose", "title": "pose estimation",
+        "kpt_shape": [17, 3],
+    },
+}
+_DEFAULT_NC = {("yolov8", "pose"): 1}
+
+#: the mechanisms of the shipped detection YAMLs (``yolo11-cbam``, ...)
+SHIPPED_MECHANISMS = ("cbam", "gam", "cpms", "coord", "simam", "ema", "triplet")
+#: the mechanisms of the shipped segmentation and pose YAMLs (``yolo11-seg-cbam``, ...)
+SHIPPED_TASK_MECHANISMS = {"segment": ("cbam", "coord"), "pose": ("cbam", "coord")}
 
 
-def yolo_config(base: str, mechanism: str, *args: Any, nc: int = 80, **kwargs: Any) -> dict:
-    """A YOLO11 / YOLOv8 detection config with ``mechanism`` before SPPF and after each
-    C3k2 / C2f of the neck, as a dict Ultralytics builds (the shipped YAMLs are these).
+def config_name(base: str, mechanism: str, task: str = "detect") -> str:
+    """The shipped name of a config: ``yolo11-cbam``, ``yolo11-seg-cbam``, ``yolov8-pose-coord``."""
+    suffix = _HEADS[task]["suffix"] if task in _HEADS else None
+    if suffix is None:
+        raise ValueError(f"YOLO config: unknown task {task!r}; expected one of {TASKS}")
+    return f"{base}-{suffix}-{mechanism}" if suffix else f"{base}-{mechanism}"
 
-    ``args`` / ``kwargs`` are the mechanism's arguments after ``channels``.
+
+def yolo_config(
+    base: str, mechanism: str, *args: Any, nc: int | None = None, task: str = "detect",
+    **kwargs: Any,
+) -> dict:
+    """A YOLO11 / YOLOv8 config with ``mechanism`` before SPPF and after each C3k2 / C2f of
+    the neck, as a dict Ultralytics builds (the shipped YAMLs are these).
+
+    ``task`` picks the head: ``"detect"``, ``"segment"`` or ``"pose"`` (Ultralytics'
+    ``Detect`` / ``Segment`` / ``Pose``, as in its ``-seg`` and ``-pose`` YAMLs). ``nc``
+    defaults to Ultralytics' value for that file. ``args`` / ``kwargs`` are the mechanism's
+    arguments after ``channels``.
     """
     if base not in _LAYOUTS:
         raise ValueError(f"yolo_config: unknown base {base!r}; expected one of {sorted(_LAYOUTS)}")
+    config_name(base, mechanism, task)  # an unknown task: a clear ValueError
     layer_class(mechanism)  # a map mechanism, or a clear ValueError
     attn_args = [*args, dict(kwargs)] if kwargs else list(args)
-    layout = _LAYOUTS[base]
+    layout, head = _LAYOUTS[base], _HEADS[task]
 
     def rows(part: str) -> list[list]:
-        return [
+        out = [
             [f, n, PREFIX + mechanism, list(attn_args)] if m == "ATTN" else [f, n, m, list(a)]
             for f, n, m, a, *_ in layout[part]
         ]
+        if part == "head":  # the output module reads the three attended neck outputs
+            out[-1][2:] = [head["module"], list(head["args"])]
+        return out
 
-    return {
-        "nc": nc,
-        "scales": {k: list(v) for k, v in layout["scales"].items()},
-        "backbone": rows("backbone"),
-        "head": rows("head"),
-    }
+    cfg: dict[str, Any] = {"nc": _DEFAULT_NC.get((base, task), 80) if nc is None else nc}
+    if "kpt_shape" in head:
+        cfg["kpt_shape"] = list(head["kpt_shape"])
+    cfg["scales"] = {k: list(v) for k, v in layout["scales"].items()}
+    cfg["backbone"] = rows("backbone")
+    cfg["head"] = rows("head")
+    return cfg
 
 
 def _flow(value: Any) -> str:
@@ -431,20 +503,29 @@ def _flow(value: Any) -> str:
     return repr(value)
 
 
-def yolo_yaml(base: str, mechanism: str, *args: Any, nc: int = 80, **kwargs: Any) -> str:
+def yolo_yaml(
+    base: str, mechanism: str, *args: Any, nc: int | None = None, task: str = "detect",
+    **kwargs: Any,
+) -> str:
     """:func:`yolo_config` as YAML text in Ultralytics' layout; the shipped files are these."""
-    cfg = yolo_config(base, mechanism, *args, nc=nc, **kwargs)
+    cfg = yolo_config(base, mechanism, *args, nc=nc, task=task, **kwargs)
     title = {"yolo11": "YOLO11", "yolov8": "YOLOv8"}[base]
+    call = f"{base!r}, {mechanism!r}" + ("" if task == "detect" else f", task={task!r}")
     lines = [
-        f"# {title} object detection (P3/8 - P5/32) with {PREFIX}{mechanism} attention before SPPF",
+        f"# {title} {_HEADS[task]['title']} (P3/8 - P5/32) with {PREFIX}{mechanism} attention "
+        "before SPPF",
         "# and after every block of the neck. Input channels come from the previous layer.",
-        f"# Written by spatial_attention.integrations.ultralytics.yolo_yaml({base!r}, "
-        f"{mechanism!r});",
-        f"# build with build_yolo({f'{base}-{mechanism}'!r}, scale='n') (any of n/s/m/l/x).",
+        f"# Written by spatial_attention.integrations.ultralytics.yolo_yaml({call});",
+        f"# build with build_yolo({config_name(base, mechanism, task)!r}, scale='n') "
+        "(any of n/s/m/l/x).",
         "",
-        f"nc: {nc} # number of classes",
-        "scales: # [depth, width, max_channels]; the scale letter comes from the file name",
+        f"nc: {cfg['nc']} # number of classes",
     ]
+    if "kpt_shape" in cfg:
+        lines.append(f"kpt_shape: {_flow(cfg['kpt_shape'])} # keypoints, dims (x, y, visible)")
+    lines.append(
+        "scales: # [depth, width, max_channels]; the scale letter comes from the file name"
+    )
     lines += [f"  {k}: {_flow(v)}" for k, v in cfg["scales"].items()]
     for part in ("backbone", "head"):
         lines += ["", f"{part}:", "  # [from, repeats, module, args]"]
@@ -456,9 +537,24 @@ def yolo_yaml(base: str, mechanism: str, *args: Any, nc: int = 80, **kwargs: Any
     return "\n".join(lines) + "\n"
 
 
-def list_configs() -> list[str]:
-    """Names of the shipped YAMLs (``yolo11-cbam``, ...), for :func:`build_yolo`."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+def list_configs(task: str | None = None) -> list[str]:
+    """Names of the shipped YAMLs (``yolo11-cbam``, ``yolo11-seg-cbam``, ...), for
+    :func:`build_yolo` and ``model=`` of ``spatial-attention yolo``; ``task`` keeps those
+    of one task (``"detect"``, ``"segment"``, ``"pose"``)."""
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    if task is None:
+        return names
+    config_name("yolo11", "se", task)  # an unknown task: a clear ValueError
+    return [n for n in names if config_task(n) == task]
+
+
+def config_task(name: str) -> str:
+    """The task of a shipped config from its name: ``yolo11-seg-cbam`` -> ``"segment"``."""
+    parts = _unscaled(Path(name).stem).split("-")
+    for task, head in _HEADS.items():
+        if head["suffix"] and head["suffix"] in parts[1:-1]:
+            return task
+    return "detect"
 
 
 def config_path(name: str) -> Path:
@@ -470,7 +566,16 @@ def config_path(name: str) -> Path:
         path = CONFIG_DIR / f"{candidate}.yaml"
         if path.is_file():
             return path
-    raise unknown_name_error("YOLO config", stem, list_configs())
+    raise _unknown_config(stem)
+
+
+def _unknown_config(stem: str) -> ValueError:
+    close = difflib.get_close_matches(_unscaled(stem), list_configs(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ValueError(
+        f"unknown YOLO config {stem!r}{hint} (`spatial-attention yolo --list` shows the "
+        f"{len(list_configs())} shipped ones)"
+    )
 
 
 # Ultralytics reads the scale from the file name (yolo11n-cbam.yaml -> "n") and, when no
@@ -551,11 +656,117 @@ def build_yolo(
     register()
     from ultralytics import YOLO
 
-    model = YOLO(str(_scaled_path(path, scale, text)), task="detect", verbose=verbose)
+    # the task (detect / segment / pose) is Ultralytics' guess from the head's last module
+    model = YOLO(str(_scaled_path(path, scale, text)), verbose=verbose)
     if nc is not None and nc != model.model.yaml.get("nc"):
-        from ultralytics.nn.tasks import DetectionModel
-
-        rebuilt = DetectionModel(model.model.yaml, nc=nc, verbose=verbose)
+        rebuilt = model.task_map[model.task]["model"](model.model.yaml, nc=nc, verbose=verbose)
         rebuilt.args, rebuilt.task = model.model.args, model.model.task
         model.model = rebuilt
     return model
+
+
+# -- Ultralytics' command line ----------------------------------------------------------------
+
+
+def model_argument(value: str) -> str:
+    """``model=VALUE`` for Ultralytics: a shipped config name (``yolo11s-cbam.yaml``,
+    ``yolov8-seg-coord``; a scale letter allowed) becomes a path Ultralytics reads the
+    scale from (n when the name has none); anything else is returned unchanged."""
+    path = Path(value)
+    if path.exists() or path.parent != Path(".") or path.suffix not in ("", ".yaml"):
+        return value
+    try:
+        shipped = config_path(path.name)
+    except ValueError:
+        close = difflib.get_close_matches(_unscaled(path.stem), list_configs(), n=3, cutoff=0.8)
+        if close and path.suffix == ".yaml" and not _ultralytics_has(value):
+            raise _unknown_config(path.stem) from None
+        return value
+    return str(_scaled_path(shipped, _scale_of(path.stem) or "n", None))
+
+
+def _unscaled(stem: str) -> str:
+    match = _SCALE_IN_STEM.match(stem)
+    return f"{match.group(1)}{match.group(3)}" if match else stem
+
+
+def _ultralytics_has(name: str) -> bool:
+    """Whether Ultralytics finds model YAML ``name`` itself (its own configs, scale rule)."""
+    from ultralytics.utils.checks import check_yaml
+
+    unified = re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", name)
+    return any(check_yaml(n, hard=False) for n in dict.fromkeys((name, unified)))
+
+
+def torchvision_problem() -> str | None:
+    """Why ``import torchvision`` fails here (a build whose compiled operators do not load
+    with this torch), or None when it works. Ultralytics needs it to validate and predict."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError as e:
+        return f"torchvision is not importable ({e})"
+    except (RuntimeError, OSError) as e:  # "operator torchvision::nms does not exist"
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            tv = version("torchvision")
+        except PackageNotFoundError:  # pragma: no cover - a broken install
+            tv = "?"
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        return (
+            f"torchvision {tv} cannot load its compiled operators with torch "
+            f"{torch.__version__} ({first}): install torch and torchvision from one build "
+            "(both CPU or both the same CUDA), see docs/integrations.md, 'Installing'"
+        )
+    return None
+
+
+class TorchvisionError(RuntimeError):
+    """``import torchvision`` fails (see :func:`torchvision_problem`)."""
+
+
+# Ultralytics' modes that build a validator or predictor, and so import torchvision
+_MODES_NEEDING_TORCHVISION = {"train", "val", "predict", "track", "benchmark", "export"}
+
+
+def yolo_command(argv: Sequence[str]) -> None:
+    """Ultralytics' ``yolo`` command line with the ``sa.<name>`` layers registered.
+
+    ``argv`` is what follows ``yolo`` (``["train", "model=yolo11s-cbam.yaml",
+    "data=data.yaml", "epochs=1"]``): ``model=`` may name a shipped config
+    (:func:`model_argument`); everything else is Ultralytics' (``ultralytics.cfg.entrypoint``).
+    A bad ``sa.<name>`` layer or config name is a ``ValueError``; a torchvision that cannot
+    load its operators is a :class:`TorchvisionError` saying so, before any work.
+    """
+    args = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("-") == "model":
+            arg = f"{key}={model_argument(value)}"
+        args.append(arg)
+    words = {a.lstrip("-") for a in args} | {a.partition("=")[2] for a in args
+                                             if a.lstrip("-").startswith("mode=")}
+    if _MODES_NEEDING_TORCHVISION & words:
+        problem = torchvision_problem()
+        if problem:
+            raise TorchvisionError(problem)
+    # Ultralytics reads sys.argv when first imported (its help text quotes it): let it see
+    # the command it runs, not ours
+    saved_argv, sys.argv = sys.argv, ["yolo", *args]
+    try:
+        register()
+        from ultralytics import cfg
+    finally:
+        sys.argv = saved_argv
+
+    if hasattr(cfg, "ARGV"):  # what entrypoint() reads when given no string: keeps spaces
+        saved = cfg.ARGV
+        cfg.ARGV = ["yolo", *args]
+        try:
+            cfg.entrypoint()
+        finally:
+            cfg.ARGV = saved
+    else:  # pragma: no cover - another Ultralytics version: one space-separated string
+        if any(not a or any(c.isspace() for c in a) for a in args):
+            raise ValueError(f"this Ultralytics version takes no spaces in arguments: {args}")
+        cfg.entrypoint(debug=" ".join(["yolo", *args]))
