@@ -725,8 +725,9 @@ class TorchvisionError(RuntimeError):
     """``import torchvision`` fails (see :func:`torchvision_problem`)."""
 
 
-# Ultralytics' modes that build a validator or predictor, and so import torchvision
-_MODES_NEEDING_TORCHVISION = {"train", "val", "predict", "track", "benchmark", "export"}
+# Ultralytics' modes that build a validator or predictor, and so import torchvision (its
+# ONNX export of a YAML-built model does not)
+_MODES_NEEDING_TORCHVISION = {"train", "val", "predict", "track", "benchmark"}
 
 
 def yolo_command(argv: Sequence[str]) -> None:
