@@ -94,17 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=_cmd_info)
 
-    from . import viz
     from .apps import bench
     from .apps.compare import cli as compare
     from .apps.denoise import cli as denoise
+    from .apps.explain import cli as viz
     from .apps.training import cli as train
 
     p = sub.add_parser("bench", help="parameters, FLOPs, time and memory of mechanisms")
     bench.add_arguments(p)
     p.set_defaults(func=bench.run)
 
-    p = sub.add_parser("viz", help="overlay what a mechanism attends to on an image")
+    p = sub.add_parser("viz", help="what a mechanism (random weights) or a trained model "
+                       "attends to, over images")
     viz.add_arguments(p)
     p.set_defaults(func=viz.run)
 

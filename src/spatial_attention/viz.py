@@ -44,11 +44,21 @@ __all__ = [
     "normalize_map",
     "image_features",
     "attention_map",
+    "map_panels",
+    "head_maps",
+    "head_grid",
+    "cluster_view",
+    "animate_clip",
+    "DEFAULT_CMAP",
     "add_arguments",
     "run",
 ]
 
 INSTALL_HINT = "pip install spatial-attention[viz]"
+#: perceptually uniform, readable in grey and by colour-blind readers (jet is neither)
+DEFAULT_CMAP = "inferno"
+#: what a figure may be saved as (by the file's suffix)
+FIGURE_FORMATS = (".png", ".svg")
 
 
 class MissingDependencyError(ImportError, UsageError):
@@ -87,7 +97,15 @@ def _prepare_out(out: str | os.PathLike) -> Path:
     return path
 
 
+def _check_format(out: str | os.PathLike) -> None:
+    suffix = Path(out).suffix.lower()
+    if suffix not in FIGURE_FORMATS:
+        raise UsageError(f"{out}: figures are written as {' or '.join(FIGURE_FORMATS)} "
+                         f"(by the file's suffix), got {suffix or 'no suffix'!r}")
+
+
 def _save_figure(fig, out: str | os.PathLike, dpi: int = 120) -> Path:
+    _check_format(out)
     path = _prepare_out(out)
     try:
         fig.savefig(path, dpi=dpi)
@@ -264,7 +282,7 @@ def overlay(
     image: Any,
     spatial_map: Any,
     alpha: float = 0.5,
-    cmap: str = "jet",
+    cmap: str = DEFAULT_CMAP,
     out: str | os.PathLike | None = None,
 ) -> np.ndarray:
     """Blend a spatial map over an image.
@@ -302,7 +320,7 @@ def overlay_row(
     maps: Sequence[tuple[str, Any]],
     title: str | None = None,
     alpha: float = 0.5,
-    cmap: str = "jet",
+    cmap: str = DEFAULT_CMAP,
     out: str | os.PathLike | None = None,
     dpi: int = 100,
 ):
@@ -326,6 +344,191 @@ def overlay_row(
     if out is not None:
         _save_figure(fig, out, dpi=dpi)
     return fig
+
+
+# -- figures of several maps ---------------------------------------------------------------
+def _shared_unit(maps: Sequence[np.ndarray]) -> tuple[list[np.ndarray], float, float]:
+    """Maps scaled to [0, 1] by one range common to all of them, and that range."""
+    arrs = [np.nan_to_num(_to_numpy(m).astype(np.float32)) for m in maps]
+    lo = min(float(a.min()) for a in arrs)
+    hi = max(float(a.max()) for a in arrs)
+    span = hi - lo if hi - lo > 1e-12 * max(1.0, abs(hi)) else 1.0
+    return [(a - lo) / span for a in arrs], lo, hi
+
+
+def _blend(img: np.ndarray, unit_map: np.ndarray, alpha: float, cmap: str) -> np.ndarray:
+    x = torch.from_numpy(np.ascontiguousarray(unit_map, dtype=np.float32))[None, None]
+    up = F.interpolate(x, size=img.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    heat = _colormap(cmap)(np.clip(up.numpy(), 0, 1))[..., :3].astype(np.float32)
+    return np.clip((1.0 - alpha) * img + alpha * heat, 0.0, 1.0)
+
+
+def map_panels(
+    image: Any,
+    panels: Sequence[tuple[str, Any]],
+    *,
+    title: str | None = None,
+    caption: str | None = None,
+    shared_scale: bool = True,
+    alpha: float = 0.5,
+    cmap: str = DEFAULT_CMAP,
+    colorbar_label: str = "attention",
+    out: str | os.PathLike | None = None,
+):
+    """The image, then one overlay per ``(title, (h, w) map)`` of ``panels``, in a row.
+
+    ``shared_scale`` colours every panel on one range (the colour bar shows it), so
+    panels compare; otherwise each is stretched to its own [0, 1]. ``caption`` (written
+    under the panels) should say what the maps are. ``out``: ``.png`` or ``.svg``.
+    Returns the matplotlib ``Figure``.
+    """
+    if not panels:
+        raise ValueError("map_panels: no maps to draw")
+    if out is not None:
+        _check_format(out)
+    img = to_float_image(image)
+    maps = [_to_numpy(m).astype(np.float32).squeeze() for _, m in panels]
+    for (name, _), m in zip(panels, maps, strict=True):
+        if m.ndim != 2 or 0 in m.shape:
+            raise ValueError(f"map_panels: {name!r} is not an (h, w) map: shape {m.shape}")
+    if shared_scale:
+        units, lo, hi = _shared_unit(maps)
+    else:
+        units, lo, hi = [normalize_map(m) for m in maps], 0.0, 1.0
+    mpl = _matplotlib()
+    H, W = img.shape[:2]
+    panel = 2.4
+    fig = _figure(((len(maps) + 1) * panel * W / max(H, W) + 1.0,
+                   panel * H / max(H, W) + (0.9 if caption else 0.5)))
+    axes = fig.subplots(1, len(maps) + 1, squeeze=False)[0]
+    axes[0].imshow(img)
+    axes[0].set_title("input", fontsize=8)
+    for ax, (name, _), u in zip(axes[1:], panels, units, strict=True):
+        ax.imshow(_blend(img, u, alpha, cmap))
+        ax.set_title(name, fontsize=7)
+    for ax in axes:
+        ax.set_axis_off()
+    label = colorbar_label if shared_scale else f"{colorbar_label} (each panel min-max)"
+    fig.colorbar(mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(lo, hi), cmap=cmap),
+                 ax=list(axes[1:]), shrink=0.8, label=label)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    if caption:
+        fig.supxlabel(caption, fontsize=7)
+    if out is not None:
+        _save_figure(fig, out)
+    return fig
+
+
+def head_maps(weights: Any, size: tuple[int, int], query: int | None = None) -> np.ndarray:
+    """``(heads, h, w)``: per head, the attention each key position receives (mean over
+    queries, or from the one ``query`` index). ``weights``: ``(heads, Q, K)`` or
+    ``(1, heads, Q, K)`` with ``K == h * w``."""
+    w = _to_numpy(weights).astype(np.float32)
+    if w.ndim == 4 and w.shape[0] == 1:
+        w = w[0]
+    h, wd = size
+    if w.ndim != 3 or w.shape[-1] != h * wd:
+        raise ValueError(f"head_maps: expected (heads, Q, {h * wd}) weights over a {h}x{wd} "
+                         f"grid, got shape {tuple(_to_numpy(weights).shape)}")
+    if query is not None and not 0 <= query < w.shape[1]:
+        raise ValueError(f"head_maps: query {query} outside [0, {w.shape[1]})")
+    received = w.mean(1) if query is None else w[:, query]
+    return received.reshape(w.shape[0], h, wd)
+
+
+def head_grid(
+    weights: Any,
+    size: tuple[int, int],
+    *,
+    image: Any | None = None,
+    query: int | None = None,
+    title: str | None = None,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = 0.6,
+    out: str | os.PathLike | None = None,
+):
+    """One panel per head (see :func:`head_maps`), on one shared colour scale, overlaid
+    on ``image`` when given; the caption says what each panel shows."""
+    maps = head_maps(weights, size, query)
+    what = (f"attention from query {query}" if query is not None
+            else "attention each key receives, mean over queries")
+    caption = f"{what}, per head; one colour scale for all heads"
+    if image is None:
+        image = np.full((*size, 3), 0.5, dtype=np.float32)
+        alpha = 1.0
+    return map_panels(image, [(f"head {i}", m) for i, m in enumerate(maps)], title=title,
+                      caption=caption, cmap=cmap, alpha=alpha, out=out)
+
+
+def cluster_view(image: Any, assignment: Any, *, title: str | None = None,
+                 out: str | os.PathLike | None = None, alpha: float = 0.55):
+    """Which group or cluster each position belongs to (an ``(h, w)`` integer map, e.g.
+    BOAT's feature-space clusters), one colour per group, over the image."""
+    a = _to_numpy(assignment)
+    a = a.squeeze()
+    if a.ndim != 2 or 0 in a.shape:
+        raise ValueError(f"cluster_view: expected an (h, w) assignment, got shape {a.shape}")
+    if out is not None:
+        _check_format(out)
+    img = to_float_image(image)
+    labels = np.unique(a.astype(np.int64))
+    index = np.searchsorted(labels, a.astype(np.int64))
+    palette = _colormap("tab20")(np.arange(len(labels)) % 20)[:, :3].astype(np.float32)
+    x = torch.from_numpy(index.astype(np.float32))[None, None]
+    up = F.interpolate(x, size=img.shape[:2], mode="nearest")[0, 0].numpy().astype(np.int64)
+    blended = np.clip((1 - alpha) * img + alpha * palette[up], 0, 1)
+    fig = _figure((5.2, 2.8))
+    ax0, ax1 = fig.subplots(1, 2)
+    ax0.imshow(img)
+    ax0.set_title("input", fontsize=8)
+    ax1.imshow(blended)
+    ax1.set_title(f"{len(labels)} groups", fontsize=8)
+    for ax in (ax0, ax1):
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.supxlabel("colour = the group each position is assigned to (positions of one "
+                  "colour attend together)", fontsize=7)
+    if out is not None:
+        _save_figure(fig, out)
+    return fig
+
+
+def animate_clip(frames: Any, maps: Any, out: str | os.PathLike, *, fps: float = 4.0,
+                 title: str | None = None, caption: str | None = None,
+                 cmap: str = DEFAULT_CMAP, alpha: float = 0.5) -> Path:
+    """An animated GIF of a clip: frame ``t`` with its map ``t`` over it, on one colour
+    scale for the whole clip. ``frames``: ``(T, H, W, 3)`` or ``(T, 3, H, W)``; ``maps``:
+    ``(T, h, w)``. Returns the written path (``.gif``)."""
+    if Path(out).suffix.lower() != ".gif":
+        raise UsageError(f"{out}: clip animations are written as .gif")
+    f = _to_numpy(frames)
+    m = _to_numpy(maps).astype(np.float32)
+    if f.ndim != 4 or m.ndim != 3 or len(f) != len(m) or len(f) == 0:
+        raise ValueError(f"animate_clip: expected frames (T, H, W, 3) and maps (T, h, w) with "
+                         f"the same T, got {f.shape} and {m.shape}")
+    imgs = [to_float_image(x) for x in f]
+    units, lo, hi = _shared_unit(list(m))
+    mpl = _matplotlib()
+    from matplotlib.animation import PillowWriter
+
+    fig = _figure((3.4, 3.4))
+    ax = fig.subplots()
+    ax.set_axis_off()
+    shown = ax.imshow(_blend(imgs[0], units[0], alpha, cmap))
+    fig.colorbar(mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(lo, hi), cmap=cmap), ax=ax,
+                 shrink=0.8)
+    if caption:
+        fig.supxlabel(caption, fontsize=7)
+    path = _prepare_out(out)
+    writer = PillowWriter(fps=fps)
+    with writer.saving(fig, str(path), dpi=90):
+        for t, (img, u) in enumerate(zip(imgs, units, strict=True)):
+            shown.set_data(_blend(img, u, alpha, cmap))
+            ax.set_title(f"{title + ': ' if title else ''}frame {t + 1}/{len(imgs)}", fontsize=8)
+            writer.grab_frame()
+    return path
 
 
 # -- running a mechanism on an image -----------------------------------------------------
@@ -412,8 +615,8 @@ def _build(name: str, channels: int, grid: int, seed: int, image: Any):
             # its frames are the right grid; what one still image cannot give is time
             raise UsageError(
                 f"{name} takes a clip of frames {registry.LAYOUTS['clip']} (its example: "
-                f"{shapes}) and viz draws one still image, which has no frames to attend "
-                "across"
+                f"{shapes}); one still image has no frames to attend across: "
+                f"`spatial-attention viz {name}` pans the image into a clip and writes a GIF"
             )
         raise UsageError(
             f"{name}: none of its example inputs ({shapes}) is a {h}x{w} grid of {channels} "
@@ -519,7 +722,8 @@ def attention_map(
 
 # -- the command -------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="mechanism (see `spatial-attention list`)")
+    parser.add_argument("name", nargs="?",
+                        help="mechanism (see `spatial-attention list`)")
     parser.add_argument(
         "--image",
         default=f"{BUILTIN_PREFIX}astronaut",
@@ -537,7 +741,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the random stem and mechanism (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="opacity of the map over the image (default: %(default)s)")
-    parser.add_argument("--cmap", default="jet", help="matplotlib colormap (default: %(default)s)")
+    parser.add_argument("--heads", action="store_true",
+                        help="token and sequence mechanisms: one panel per head")
+    parser.add_argument("--query", type=int,
+                        help="with --heads: the attention of this query index only")
+    parser.add_argument("--groups", action="store_true",
+                        help="mechanisms that group positions (BOAT's feature-space "
+                        "clusters): colour each position by its group")
+    parser.add_argument("--frames", type=int, default=8,
+                        help="clip mechanisms: frames of the clip panned across the image "
+                        "(default: %(default)s; written as an animated .gif)")
+    parser.add_argument("--cmap", default=DEFAULT_CMAP,
+                        help="matplotlib colormap (default: %(default)s, perceptually uniform)")
 
 
 def _image_label(spec: str) -> str:
@@ -545,6 +760,9 @@ def _image_label(spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.name is None:
+        raise UsageError("name a mechanism (see `spatial-attention list`), or a trained model "
+                         "with --run RUN_DIR IMAGE...")
     if args.size < 4:
         raise UsageError(f"--size must be at least 4 pixels, got {args.size}")
     if args.channels < 1:
@@ -557,7 +775,14 @@ def run(args: argparse.Namespace) -> int:
     _matplotlib()
     _colormap(args.cmap)
     image = load_image(args.image, size=args.size)
+    if registry.info(args.name).layout == "clip":
+        return _run_clip(args, image)
     out = Path(args.out or f"{args.name}_attention.png")
+    _check_format(out)
+    if args.heads:
+        return _run_heads(args, image, out)
+    if args.groups:
+        return _run_groups(args, image, out)
     if hasattr(registry.info(args.name).cls, "view_maps"):
         return _run_multi_view(args, image, out)
 
@@ -585,10 +810,140 @@ def run(args: argparse.Namespace) -> int:
         f"{args.name} on {label}: random weights, seed {args.seed}, {args.channels} channels",
         fontsize=10,
     )
+    fig.supxlabel(_CAPTIONS.get(registry.info(args.name).layout, _CAPTIONS["map"]), fontsize=7)
     path = _save_figure(fig, out)
     sources = ", ".join(k or args.name for k in maps)
     print(f"wrote {path} ({args.name} on {label}, {h}x{w} map from {sources})")
     return 0
+
+
+_CAPTIONS = {
+    "map": "the mechanism's weight at each position (mean over channels where it has one "
+           "per channel), min-max normalised; random weights show structure, not learning",
+    "tokens": "attention each position receives as a key, mean over heads and queries, "
+              "min-max normalised; random weights show structure, not learning",
+}
+_CAPTIONS["sequence"] = _CAPTIONS["tokens"]
+
+
+def _per_head(reader, weights: Tensor, size: tuple[int, int]) -> list[np.ndarray] | None:
+    """Per-head maps of one record: the record is cut along its head axis (1 for
+    ``(B, heads, Q, K)``, 2 for windowed ``(B, windows, heads, N, N)``) and each slice read
+    by the recording class's ``spatial_map``; None when that does not give maps."""
+    axes = (1,) if weights.dim() == 4 else (2,) if weights.dim() == 5 else ()
+    for axis in axes:
+        if weights.shape[axis] < 2:
+            continue
+        try:
+            maps = [reader.spatial_map(t, size) for t in weights.split(1, dim=axis)]
+        except (ValueError, RuntimeError):
+            continue
+        if all(m.dim() == 3 and tuple(m.shape[-2:]) == size for m in maps):
+            return [m[0].numpy() for m in maps]
+    return None
+
+
+def _run_heads(args: argparse.Namespace, image: np.ndarray, out: Path) -> int:
+    """One panel per head of the first record that splits by head."""
+    entry = registry.info(args.name)
+    module, fed, (h, w), _ = _build(args.name, args.channels, args.grid, args.seed, image)
+    with torch.no_grad(), capture_attention(module) as records:
+        module(*fed)
+    owners = dict(module.named_modules())
+    label = _image_label(args.image)
+    for rec_name, weights in records.in_order():
+        if args.query is not None and weights.dim() == 4 and weights.shape[-1] == h * w:
+            maps = list(head_maps(weights[:1], (h, w), args.query))
+            what = f"attention from query {args.query}"
+        else:
+            maps = _per_head(type(owners.get(rec_name, module)), weights[:1], (h, w))
+            what = "attention each position receives as a key, mean over queries"
+        if maps:
+            map_panels(image, [(f"head {i}", m) for i, m in enumerate(maps)], cmap=args.cmap,
+                       alpha=args.alpha, out=out,
+                       caption=f"{what}, per head; one colour scale for all heads",
+                       title=f"{args.name} ({rec_name or 'module'}) on {label}: random "
+                             f"weights, seed {args.seed}")
+            print(f"wrote {out} ({args.name}: {len(maps)} heads over a {h}x{w} grid)")
+            return 0
+    shapes = ", ".join(str(tuple(t.shape)) for _, t in records.in_order()) or "nothing"
+    raise UsageError(f"{args.name} ({entry.family}) records nothing that splits by head over "
+                     f"its {h}x{w} grid (it records {shapes})")
+
+
+def _run_groups(args: argparse.Namespace, image: np.ndarray, out: Path) -> int:
+    """The first integer record ``(1, heads, h, w)``: each position's group, head 0."""
+    module, fed, (h, w), _ = _build(args.name, args.channels, args.grid, args.seed, image)
+    with torch.no_grad(), capture_attention(module) as records:
+        module(*fed)
+    for rec_name, weights in records.in_order():
+        if (not weights.dtype.is_floating_point and weights.dim() == 4
+                and tuple(weights.shape[-2:]) == (h, w)):
+            label = _image_label(args.image)
+            cluster_view(image, weights[0, 0], out=out,
+                         title=f"{args.name} ({rec_name or 'module'}, head 0) on {label}: "
+                               f"random weights, seed {args.seed}")
+            print(f"wrote {out} ({args.name}: {int(weights[0, 0].unique().numel())} groups "
+                  f"over a {h}x{w} grid)")
+            return 0
+    shapes = ", ".join(str(tuple(t.shape)) for _, t in records.in_order()) or "nothing"
+    raise UsageError(f"{args.name} records no group assignment (it records {shapes})")
+
+
+def pan_clip(image: np.ndarray, frames: int, travel: float = 0.25) -> list[np.ndarray]:
+    """``frames`` views of ``image`` as a camera panning right: crops of ``1 - travel`` of
+    the width sliding from the left edge to the right one."""
+    if frames < 2:
+        raise UsageError(f"a clip needs at least 2 frames, got {frames}")
+    H, W = image.shape[:2]
+    cw = max(1, int(round(W * (1 - travel))))
+    starts = np.linspace(0, W - cw, frames).round().astype(int)
+    return [np.ascontiguousarray(image[:, s:s + cw]) for s in starts]
+
+
+def frame_maps(weights: Tensor, frames: int, size: tuple[int, int]) -> np.ndarray | None:
+    """``(T, h, w)`` per-frame maps of a clip record, or None: a time-attention record
+    ``(B, heads, h, w, T, T)`` gives the attention each frame receives at each position
+    (mean over heads and query frames); a frame-importance record ``(B, T, C, 1, 1)`` the
+    mean over channels, the same everywhere in the frame."""
+    h, w = size
+    if weights.dim() == 6 and tuple(weights.shape[2:4]) == size and weights.shape[-1] == frames:
+        return weights[0].float().mean((0, 3)).permute(2, 0, 1).numpy()
+    if weights.dim() == 5 and weights.shape[1] == frames and weights.shape[-2:] == (1, 1):
+        per_frame = weights[0].float().mean((1, 2, 3))
+        return per_frame[:, None, None].expand(frames, h, w).numpy()
+    return None
+
+
+def _run_clip(args: argparse.Namespace, image: np.ndarray) -> int:
+    """A clip mechanism on a clip panned across the image, as an animated GIF."""
+    out = Path(args.out or f"{args.name}_attention.gif")
+    clip = pan_clip(image, args.frames)
+    feats = torch.cat([image_features(f, args.channels, args.grid, args.seed) for f in clip])
+    h, w = feats.shape[-2:]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        cls = registry.info(args.name).cls
+        try:  # a mechanism built for a clip length takes it as num_frames
+            module, _ = cls.example(args.name, 1, args.channels, (h, w), num_frames=len(clip))
+        except TypeError:
+            module, _ = cls.example(args.name, 1, args.channels, (h, w))
+    module.eval()
+    with torch.no_grad(), capture_attention(module) as records:
+        module(feats.unsqueeze(0))  # (1, T, C, h, w)
+    for _, weights in records.in_order():
+        maps = frame_maps(weights, len(clip), (h, w))
+        if maps is not None:
+            label = _image_label(args.image)
+            animate_clip(np.stack([to_float_image(f) for f in clip]), maps, out,
+                         cmap=args.cmap, alpha=args.alpha,
+                         title=f"{args.name} (random weights)",
+                         caption=f"{label} panned into {len(clip)} frames: attention each "
+                                 "frame receives (one colour scale over the clip)")
+            print(f"wrote {out} ({args.name} over {len(clip)} frames of {label})")
+            return 0
+    shapes = ", ".join(str(tuple(t.shape)) for _, t in records.in_order()) or "nothing"
+    raise UsageError(f"{args.name} records no per-frame map (it records {shapes})")
 
 
 def _run_multi_view(args: argparse.Namespace, image: np.ndarray, out: Path) -> int:

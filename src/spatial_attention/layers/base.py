@@ -95,7 +95,7 @@ class AttentionModule(nn.Module):
     def record(self, weights: Tensor) -> None:
         """Hand ``weights`` to an active :func:`capture_attention`; no-op otherwise."""
         if self._recorder is not None:
-            self._recorder(self, weights.detach())
+            self._recorder(self, weights)  # the recorder detaches unless asked not to
 
     # -- validation ----------------------------------------------------------------
     @property
