@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -178,7 +179,7 @@ class BiLevelRoutingAttention(AttentionModule):
         emb = self.router_emb
         if not self.diff_routing:
             x, q, k = x.detach(), q.detach(), k.detach()
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device.type):
             counts, empty = float(rh * rw), None
             if valid is not None:
                 counts = valid.view(S, rh, S, rw).sum(3).sum(1).view(S * S, 1)
@@ -296,6 +297,13 @@ class BiLevelRoutingAttention(AttentionModule):
                 return grid[:, :H, :W]
         raise ValueError(f"{cls.__name__}: only the (B, S², k) routed-index record becomes a "
                          f"map, got {tuple(weights.shape)} ({weights.dtype})")
+
+
+def _no_autocast(device: str) -> AbstractContextManager:
+    """Autocast switched off where it is on (and nothing on devices without autocast)."""
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return nullcontext()
 
 
 def _pad(maps: tuple[Tensor, ...], multiple: int) -> tuple[tuple[Tensor, ...], tuple[int, int]]:
