@@ -57,8 +57,7 @@ def dat_by_hand(m, x):
     Cg, d, hg = C // g, C // M, M // g
     s, ver = m.offset_range_factor, m.version
     q = x @ m.q.weight.T + m.q.bias  # (B, H, W, C)
-    wk, wv = m.kv.weight[:C], m.kv.weight[C:]
-    bk, bv = m.kv.bias[:C], m.kv.bias[C:]
+    wk, wv, bk, bv = m.k.weight, m.v.weight, m.k.bias, m.v.bias
     outs, positions, weights = [], [], []
     for b in range(B):
         feats, pos_b = [], []
@@ -204,7 +203,8 @@ def test_defaults_init_and_keys():
     assert abs(m.rpe_table.std().item() - 0.01) < 0.001 and m.rpe_table.abs().max() < 0.06
     assert m.offset_dw.weight.shape == (128, 1, 5, 5) and m.offset_proj.bias is None
     assert set(m.state_dict()) == {
-        "q.weight", "q.bias", "kv.weight", "kv.bias", "proj.weight", "proj.bias",
+        "q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias", "proj.weight",
+        "proj.bias",
         "offset_dw.weight", "offset_dw.bias", "offset_norm.weight", "offset_norm.bias",
         "offset_proj.weight", "rpe_table"}
     assert "rpe_table" not in sa.create("deformable_attention", 8, 2, use_pe=False).state_dict()
@@ -230,9 +230,9 @@ def test_official_keys_load():
     m = _build()
     m.load_official_state_dict(state)
     torch.testing.assert_close(m.q.weight, state["proj_q.weight"][:, :, 0, 0])
-    torch.testing.assert_close(m.kv.weight[:12], state["proj_k.weight"][:, :, 0, 0])
-    torch.testing.assert_close(m.kv.weight[12:], state["proj_v.weight"][:, :, 0, 0])
-    torch.testing.assert_close(m.kv.bias, torch.cat([state["proj_k.bias"], state["proj_v.bias"]]))
+    torch.testing.assert_close(m.k.weight, state["proj_k.weight"][:, :, 0, 0])
+    torch.testing.assert_close(m.v.weight, state["proj_v.weight"][:, :, 0, 0])
+    torch.testing.assert_close(m.v.bias, state["proj_v.bias"])
     torch.testing.assert_close(m.proj.bias, state["proj_out.bias"])
     torch.testing.assert_close(m.offset_dw.weight, state["conv_offset.0.weight"])
     torch.testing.assert_close(m.offset_norm.weight, state["conv_offset.1.norm.weight"])

@@ -12,7 +12,7 @@ differently; ``version`` picks one (``"dat"``: the CVPR 2022 release that the pu
 DAT-T/S/B weights go with; ``"dat++"``: the 2023 code of DAT++).
 
 :func:`convert_official_dat_keys` renames the official module's keys (1x1 convs to
-linear layers, ``proj_k`` and ``proj_v`` fused into ``kv``), wherever it sits in a model.
+linear layers), wherever it sits in a model.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def grid_axis(n: int, version: str, keys: bool, dtype: torch.dtype,
     paper="Xia et al., Vision Transformer with Deformable Attention (DAT, Sec. 3.2: "
           "offsets, bilinear sampling, deformable relative position bias)",
     year=2022,
-    cost="4·B·N·C² (q, proj) + 4·B·Ns·C² (kv) + 4·B·N·Ns·C (scores, weighting) "
+    cost="4·B·N·C² (q, proj) + 4·B·Ns·C² (k, v) + 4·B·N·Ns·C (scores, weighting) "
          "+ ~8·B·heads·N·Ns (bias sampling) + B·Ns·C·(2k² + 4) (offsets), "
          "N = H·W, Ns = Hk·Wk keys (N at stride 1)",
     captures="(B, groups, Hk, Wk, 2) sampling positions (y, x in [-1, 1]), then "
@@ -86,10 +86,10 @@ class DeformableAttention(AttentionModule):
     (it stretches to the map), as the "dat++" code does; the "dat" code fails there.
     Positions, offsets and both samplings run in at least float32 (under autocast too).
     Not implemented: ``no_off``, ``dwc_pe``, ``fixed_pe``, ``log_cpb``. Deviation: "dat++"
-    puts a one-point axis at 0 (its code divides by zero). Keys: ``q``, ``kv`` (k then v),
-    ``proj``, ``offset_*``, ``rpe_table``; :meth:`load_official_state_dict`.
-    attn_impl: ``auto`` (the bias as SDPA's float mask; with autograd on, ``kept_probs``),
-    ``sdpa``, ``kept_probs``, ``explicit`` (official layout; records positions, weights).
+    puts a one-point axis at 0 (its code divides by zero). Keys: ``q``, ``k``, ``v``, ``proj``,
+    ``offset_*``, ``rpe_table``; :meth:`load_official_state_dict`.
+    attn_impl: ``auto`` / ``sdpa`` / ``kept_probs`` (the dispatcher, the bias as a float
+    mask), ``explicit`` (the official layout, plain softmax; records positions, weights).
     """
 
     layout = "tokens"
@@ -132,7 +132,8 @@ class DeformableAttention(AttentionModule):
         self.padding = 0 if version == "dat++" and ksize == stride else ksize // 2
         Cg = self.group_dim
         self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
         self.offset_dw = nn.Conv2d(Cg, Cg, ksize, stride, self.padding, groups=Cg)
         self.offset_norm = nn.LayerNorm(Cg)
@@ -224,29 +225,23 @@ class DeformableAttention(AttentionModule):
         pos = pos.permute(0, 3, 1, 2, 4)  # (B, g, Hk, Wk, 2), x then y
 
         # keys and values: sample each group's channels at its positions
-        xg = x.view(B, H, W, g, Cg).permute(0, 3, 4, 1, 2).contiguous().to(pdt)
-        sampled = F.grid_sample(xg.view(B * g, Cg, H, W), pos.reshape(B * g, Hk, Wk, 2),
-                                mode="bilinear", padding_mode="zeros", align_corners=True)
+        xc = x.permute(0, 3, 1, 2).to(pdt)  # (B, C, H, W), a view of the tokens
+        sampled = torch.cat([
+            F.grid_sample(xc[:, i * Cg:(i + 1) * Cg], pos[:, i], mode="bilinear",
+                          padding_mode="zeros", align_corners=True)
+            for i in range(g)], 1)  # (B, C, Hk, Wk)
         sampled = sampled.view(B, C, Ns).to(x.dtype)  # channels first, as grid_sample gives
-        bias = None
-        if self.rpe_table is not None:
-            bias = self._bias(pos, H, W, pdt)  # (B, heads, N, Ns)
-        impl = self.impl
-        if impl == "auto" and bias is not None and bias.requires_grad:
-            # a learned mask in training: keep the probabilities, from which the mask's
-            # gradient is formed (no score or mask buffer outlives its product)
-            impl = "kept_probs"
-        # k and v as 1x1 convs on that layout: (B, heads, d, Ns) blocks, read as they are
-        # by the kept-probabilities products; SDPA's fused kernel wants rows of d
-        wk, wv = self.kv.weight.unflatten(0, (2, C))[:, :, :, None].unbind(0)
-        bk, bv = self.kv.bias.view(2, C).unbind(0)
-        k = F.conv1d(sampled, wk, bk).view(B, heads, d, Ns).transpose(2, 3)
-        v = F.conv1d(sampled, wv, bv).view(B, heads, d, Ns).transpose(2, 3)
-        if impl != "kept_probs":
-            k, v = k.contiguous(), v.contiguous()
+        # k and v as 1x1 convs on that layout, then one copy each into (B, heads, Ns, d)
+        # blocks, which every attention kernel reads without further copies
+        k = F.conv1d(sampled, self.k.weight[:, :, None], self.k.bias)
+        v = F.conv1d(sampled, self.v.weight[:, :, None], self.v.bias)
+        k = k.view(B, heads, d, Ns).transpose(2, 3).contiguous()
+        v = v.view(B, heads, d, Ns).transpose(2, 3).contiguous()
         q = q.view(B, N, heads, d).transpose(1, 2)  # (B, heads, N, d)
+        # the bias last: in backward its gradient is consumed (and freed) first
+        bias = None if self.rpe_table is None else self._bias(pos, H, W, pdt)
         p = self.attn_drop if self.training else 0.0
-        out = attention(q, k, v, bias, scale=self.scale, dropout_p=p, impl=impl)
+        out = attention(q, k, v, bias, scale=self.scale, dropout_p=p, impl=self.impl)
         out = out.transpose(1, 2).reshape(B, H, W, C)
         return self.proj_drop(self.proj(out))
 
@@ -280,7 +275,7 @@ class DeformableAttention(AttentionModule):
         sampled = F.grid_sample(xs, pos.flip(-1), mode="bilinear", padding_mode="zeros",
                                 align_corners=True)  # (B·g, Cg, Hk, Wk)
         sampled = sampled.reshape(B, C, Hk * Wk).transpose(1, 2).to(x.dtype)  # (B, Ns, C)
-        k, v = self.kv(sampled).chunk(2, dim=-1)
+        k, v = self.k(sampled), self.v(sampled)
         q = q.reshape(B, heads, d, H * W).transpose(2, 3)  # (B, heads, N, d)
         k = k.reshape(B, -1, heads, d).transpose(1, 2)  # (B, heads, Ns, d)
         v = v.reshape(B, -1, heads, d).transpose(1, 2)
@@ -338,9 +333,11 @@ class DeformableAttention(AttentionModule):
 
 
 #: official key tail -> ours, for keys of one DAttentionBaseline (1x1 conv weights become
-#: linear weights; proj_k and proj_v are concatenated into kv, see below)
+#: linear weights)
 _OFFICIAL_TAILS = (
     ("proj_q.", "q."),
+    ("proj_k.", "k."),
+    ("proj_v.", "v."),
     ("proj_out.", "proj."),
     ("conv_offset.0.", "offset_dw."),
     ("conv_offset.1.norm.", "offset_norm."),
@@ -353,8 +350,8 @@ def convert_official_dat_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Ten
     """Official ``DAttentionBaseline`` keys to ours, wherever the modules sit in a model.
 
     A module is recognised by its ``conv_offset.0.weight`` key; its keys are renamed (as
-    ``_OFFICIAL_TAILS``), its 1x1 conv weights ``(out, in, 1, 1)`` become ``(out, in)``
-    and ``proj_k`` / ``proj_v`` are concatenated into ``kv``; other keys pass through.
+    ``_OFFICIAL_TAILS``) and its 1x1 conv weights ``(out, in, 1, 1)`` become ``(out, in)``;
+    other keys pass through.
     Accepts ``{'model': ...}`` / ``{'state_dict': ...}`` as saved, and strips ``module.``.
     """
     for wrapper in ("model", "state_dict"):
@@ -367,12 +364,6 @@ def convert_official_dat_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Ten
     out: dict[str, Tensor] = {}
     taken: set[str] = set()
     for pre in prefixes:
-        for kind in ("weight", "bias"):
-            k, v = state.get(f"{pre}proj_k.{kind}"), state.get(f"{pre}proj_v.{kind}")
-            if k is not None and v is not None:
-                out[f"{pre}kv.{kind}"] = torch.cat([k.flatten(1) if kind == "weight" else k,
-                                                    v.flatten(1) if kind == "weight" else v])
-                taken |= {f"{pre}proj_k.{kind}", f"{pre}proj_v.{kind}"}
         for key, value in state.items():
             if not key.startswith(pre) or key in taken:
                 continue
