@@ -157,3 +157,17 @@ def test_viz_weights_and_model(tmp_path):
                  "rollout", "builtin:coffee", "--out", str(out)]) == 0
     assert _png_pixels(out).std() > 5
     assert main(["viz", "--weights", str(tmp_path / "vit.safetensors"), "builtin:coffee"]) == 2
+
+
+def test_gallery_from_benchmark_runs(benchmark_run, tmp_path):
+    bench = benchmark_run.parent.parent.parent
+    (bench / "runs" / "none" / "seed0").mkdir(parents=True)  # the baseline is left out
+    out = tmp_path / "gallery"
+    assert main(["viz", "--gallery", str(bench), "--count", "2", "--out", str(out)]) == 0
+    page = (out / "README.md").read_text()
+    assert "spatial-attention viz --gallery" in page and "cbam seed 0" in page
+    assert "none" not in page.split("Runs shown:")[1]
+    assert _png_pixels(out / "gallery.png").std() > 5
+    empty = tmp_path / "empty"
+    (empty / "runs").mkdir(parents=True)
+    assert main(["viz", "--gallery", str(empty), "--out", str(out)]) == 2

@@ -60,11 +60,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "(default: the predicted class)")
     g.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean")
     g.add_argument("--discard-ratio", type=float, default=0.0)
+    g.add_argument("--gallery", metavar="BENCH_DIR",
+                   help="write the gallery of every mechanism of an equal-budget benchmark "
+                   "folder into --out (a folder; default docs/gallery)")
+    g.add_argument("--count", type=int, default=4, help="gallery: test images (default 4)")
     g.add_argument("--separate-scales", action="store_true",
                    help="stretch each panel to its own range (default: one shared scale)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.gallery is not None:
+        from .gallery import write_gallery
+
+        if args.mode not in ("attention", "gradient"):
+            raise UsageError("--gallery draws --mode attention or gradient")
+        page = write_gallery(args.gallery, args.out or "docs/gallery", mode=args.mode,
+                             count=args.count, cmap=args.cmap)
+        print(f"wrote {page} and {page.with_name('gallery.png')}")
+        return 0
     if args.run is None and args.weights is None and args.model is None:
         if args.images:
             raise UsageError("extra images are for --run / --weights; a mechanism takes "
@@ -113,6 +126,11 @@ def trained_maps(trained: Trained, image: np.ndarray, mode: str, *, target: int 
     """``(probabilities (classes,), [(panel title, (h, w) map), ...])`` for one image."""
     model = trained.model
     x = trained.prepare(image)
+    if not attention_modules(model) and mode != "rollout" and mode != "gradient-rollout":
+        from ...capture import foreign_attention_modules
+
+        if not foreign_attention_modules(model):
+            raise UsageError(f"{trained.label}: the model has no attention mechanism")
     if mode == "attention":
         mods = attention_modules(model)
         shapes, hooks = _input_grids(model)
