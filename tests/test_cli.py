@@ -2,7 +2,8 @@ import pytest
 
 import spatial_attention as sa
 
-SUBCOMMANDS = ["list", "info", "bench", "viz", "train", "evaluate", "denoise", "train-denoiser"]
+SUBCOMMANDS = ["list", "info", "bench", "viz", "train", "evaluate", "denoise", "train-denoiser",
+               "compare", "yolo"]
 
 
 def test_list_shows_every_mechanism(cli):

@@ -1,5 +1,5 @@
 """The ``spatial-attention`` command: list, info, bench, viz, train, evaluate, denoise,
-train-denoiser.
+train-denoiser, compare, yolo.
 
 Each subcommand's options live with the code it drives (``viz.py`` in the core; the
 applications under ``apps/``: ``bench``, ``training.cli``, ``denoise.cli``), which exposes

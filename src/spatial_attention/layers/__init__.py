@@ -9,6 +9,7 @@ import pkgutil as _pkgutil
 
 from .bam import BAM
 from .base import AttentionModule
+from .biformer import BiLevelRoutingAttention
 from .bilateral import BilateralLocalAttention, FeatureSpaceLocalAttention
 from .branch import SelectiveKernel
 from .cbam import CBAM, ChannelGate, SpatialGate
@@ -16,6 +17,7 @@ from .channel import EfficientChannelAttention, SqueezeExcite
 from .coord import CoordinateAttention
 from .cpca import ChannelPriorConvAttention
 from .cpms import ChannelPriorMultiScaleAttention
+from .criss_cross import CrissCrossAttention
 from .cswin import CSWinAttention
 from .deformable import DeformableConv2d, DynamicConv2d
 from .ema import EMA
@@ -24,11 +26,14 @@ from .gam import GAM
 from .generalized import GeneralizedAttention
 from .global_attention import GlobalAttention, GlobalSubsampledAttention
 from .global_context import GlobalContext
+from .lsk import LargeSelectiveKernel
 from .multiview import MultiViewWindowAttention
 from .non_local import NonLocal2d
+from .polarized import PolarizedSelfAttention
 from .position import PositionEncodingGenerator, RelativePositionBias
 from .scoring import AdditiveAttention, DotProductAttention, MultiHeadAttention
 from .sge import SpatialGroupEnhance
+from .shuffle_attention import ShuffleAttention
 from .simam import SimAM
 from .subspace import SubspaceAttention
 from .temporal import TemporalAdaptiveModule, TemporalSelfAttention
@@ -41,6 +46,9 @@ for _mod in _pkgutil.iter_modules(__path__):
         _importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = [
+    "ShuffleAttention",
+    "LargeSelectiveKernel",
+    "BiLevelRoutingAttention",
     "BAM",
     "CBAM",
     "EMA",
@@ -53,6 +61,7 @@ __all__ = [
     "ChannelPriorConvAttention",
     "ChannelPriorMultiScaleAttention",
     "CoordinateAttention",
+    "CrissCrossAttention",
     "DeformableConv2d",
     "DotProductAttention",
     "DynamicConv2d",
@@ -66,6 +75,7 @@ __all__ = [
     "MultiHeadAttention",
     "MultiViewWindowAttention",
     "NonLocal2d",
+    "PolarizedSelfAttention",
     "PositionEncodingGenerator",
     "RelativePositionBias",
     "SelectiveKernel",
