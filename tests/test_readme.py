@@ -35,3 +35,12 @@ def test_vision_transformer_snippet_runs(tmp_path, monkeypatch):
     assert [tuple(m.shape) for m in scope["maps"]] == [
         (1, 96, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)
     ]
+
+
+def test_readme_compare_table_is_generated_from_the_committed_summary():
+    from spatial_attention.apps.compare.readme import END, START, readme_block
+
+    text = ROOT.joinpath("README.md").read_text()
+    assert START in text and END in text
+    block = text.split(START, 1)[1].split(END, 1)[0]
+    assert block == "\n" + readme_block(ROOT / "benchmarks" / "compare")
