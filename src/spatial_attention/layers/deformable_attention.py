@@ -230,13 +230,12 @@ class DeformableAttention(AttentionModule):
             F.grid_sample(xc[:, i * Cg:(i + 1) * Cg], pos[:, i], mode="bilinear",
                           padding_mode="zeros", align_corners=True)
             for i in range(g)], 1)  # (B, C, Hk, Wk)
-        sampled = sampled.view(B, C, Ns).to(x.dtype)  # channels first, as grid_sample gives
-        # k and v as 1x1 convs on that layout, then one copy each into (B, heads, Ns, d)
-        # blocks, which every attention kernel reads without further copies
-        k = F.conv1d(sampled, self.k.weight[:, :, None], self.k.bias)
-        v = F.conv1d(sampled, self.v.weight[:, :, None], self.v.bias)
-        k = k.view(B, heads, d, Ns).transpose(2, 3).contiguous()
-        v = v.view(B, heads, d, Ns).transpose(2, 3).contiguous()
+        sampled = sampled.view(B, C, Ns).to(x.dtype)
+        # one token-major copy for both projections (a 1x1 conv here takes the CPU's slow
+        # im2col path), then (B, heads, Ns, d) blocks every attention kernel reads as is
+        tokens = sampled.transpose(1, 2).reshape(B * Ns, C)
+        k = self.k(tokens).view(B, Ns, heads, d).transpose(1, 2).contiguous()
+        v = self.v(tokens).view(B, Ns, heads, d).transpose(1, 2).contiguous()
         q = q.view(B, N, heads, d).transpose(1, 2)  # (B, heads, N, d)
         # the bias last: in backward its gradient is consumed (and freed) first
         bias = None if self.rpe_table is None else self._bias(pos, H, W, pdt)
