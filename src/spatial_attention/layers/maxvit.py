@@ -150,18 +150,17 @@ class _PartitionAttention(AttentionModule):
             return window_layout(H, W, self.size, (0, 0), device, self._layouts)
         return grid_layout(H, W, self.size, device, self._layouts)
 
-    def _split_heads(self, qkv: Tensor, H: int, W: int) -> Tensor:
-        """``(B, H, W, 3C) -> (3, B, nW, heads, Ph, Pw, d)``: q, k, v of every group as a
-        view (the caller's reshape to ``N = Ph·Pw`` copies)."""
-        B = qkv.shape[0]
+    def _split_heads(self, t: Tensor, H: int, W: int) -> Tensor:
+        """``(B, H, W, C) -> (B, nW, heads, N, d)``: one of q, k, v cut into groups and
+        heads, as a contiguous copy."""
+        B = t.shape[0]
         ph, pw = self.size
         h, d = self.num_heads, self.head_dim
         if self.partition == "block":  # rows as (H/P, P): the group is the first factor
-            qkv = qkv.view(B, H // ph, ph, W // pw, pw, 3, h, d)
-            return qkv.permute(5, 0, 1, 3, 6, 2, 4, 7)
-        # grid: rows as (G, H/G), the group is the second factor
-        qkv = qkv.view(B, ph, H // ph, pw, W // pw, 3, h, d)
-        return qkv.permute(5, 0, 2, 4, 6, 1, 3, 7)
+            t = t.view(B, H // ph, ph, W // pw, pw, h, d).permute(0, 1, 3, 5, 2, 4, 6)
+        else:  # grid: rows as (G, H/G), the group is the second factor
+            t = t.view(B, ph, H // ph, pw, W // pw, h, d).permute(0, 2, 4, 5, 1, 3, 6)
+        return t.reshape(B, (H // ph) * (W // pw), h, ph * pw, d)
 
     def _merge_heads(self, out: Tensor, H: int, W: int) -> Tensor:
         """``(B, nW, heads, N, d) -> (B, H·W, C)``: the reverse partition and the head
@@ -183,19 +182,15 @@ class _PartitionAttention(AttentionModule):
         keep = layout.keep
         nW = layout.gather.numel() // N
         h, d = self.num_heads, self.head_dim
-        if keep is None:  # no padding: qkv on the map, its groups are a permuted view
-            qkv = self._split_heads(self.qkv(x), H, W)
+        # q, k, v each copied once into contiguous (B, nW, heads, N, d), which the batched
+        # matmuls take as they are. Split off the linear's output (not kept) rather than
+        # reshaped from it, so their gradients meet in one concatenation in token order
+        if keep is None:  # no padding: qkv on the map, then the groups
+            q, k, v = (self._split_heads(t, H, W) for t in self.qkv(x).split(C, -1))
         else:  # pad + partition as one gather; padding slots read token 0, masked as keys
             tokens = permute_rows(x.reshape(B, H * W, C), 1, layout.gather, layout.scatter)
-            qkv = self.qkv(tokens).view(B, nW, N, 3, h, d).permute(3, 0, 1, 4, 2, 5)
-        # q, k, v as contiguous (B, nW, heads, N, d) in two copies that the batched
-        # matmuls take as they are (no copy of their own): q alone (no backward keeps it),
-        # k and v together (kept); the linear's output is then free
-        q, kv = qkv.split([1, 2])
-        del qkv
-        q = q.reshape(B, nW, h, N, d)
-        k, v = kv.reshape(2, B, nW, h, N, d).unbind(0)
-        del kv
+            q, k, v = (t.view(B, nW, N, h, d).transpose(2, 3).contiguous()
+                       for t in self.qkv(tokens).split(C, -1))
         mask = self.position_bias()
         if mask is not None:
             mask = mask.to(q.dtype)[None]  # (1, heads, N, N), shared by every group
