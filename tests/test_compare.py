@@ -269,3 +269,125 @@ def test_tta_modes_weigh_views_like_airbench():
     assert "flip + 1-px translate TTA" in Protocol().describe()
     with pytest.raises(ValueError, match="tta"):
         Protocol(tta="mirror")
+
+
+# --- the token-mixer protocol (compare --tokens) ---------------------------------------
+
+TINY_TOKENS = ["--epochs", "1", "--batch-size", "32", "--threads", "1"]
+
+
+@pytest.fixture
+def tiny_token_preset(monkeypatch):
+    from spatial_attention.apps.compare.token_runner import TokenProtocol
+
+    tiny = TokenProtocol(dims=(16, 32, 32), heads=(1, 2, 2), depths=(2, 1, 1), mlp_ratio=1.0)
+    monkeypatch.setitem(cli.TOKEN_PRESETS, "cpu", tiny)
+    return tiny
+
+
+def test_token_entries_by_registration():
+    from spatial_attention import registry
+    from spatial_attention.apps.compare.token_net import ENTRIES
+
+    entries = cli.select_token_entries([], None)
+    assert entries[:5] == ["global", "swin", "twins", "boat", "cswin"]
+    assert len(entries) == len(set(entries))
+    used = {m for pattern in ENTRIES.values() for m in pattern}
+    for name in registry.list_mechanisms(layout="tokens"):
+        info = registry.info(name)
+        if info.family.startswith("token_"):
+            assert name in used or name in entries, name
+        else:
+            assert name not in entries  # multi_view mixers are not token mixers here
+    # a composite's only member is that composite; a composite's part stays itself
+    assert cli.select_token_entries(["global_attention", "cswin_attention",
+                                     "window_attention"], None) == [
+        "global", "cswin", "window_attention"]
+    assert "swin" not in cli.select_token_entries([], "token_feature_space")
+
+
+def test_tokens_end_to_end_skip_and_resume(fake_cifar, tmp_path, monkeypatch,
+                                           tiny_token_preset):
+    from spatial_attention.apps.compare import token_net, token_runner
+
+    # a mixer whose construction fails is skipped with a note, the queue goes on
+    monkeypatch.setitem(token_net.MIXER_SIZES, "cswin_attention", {"no_such_arg": 1})
+    out = tmp_path / "tok"
+    args = _args("--tokens", "swin", "cswin", "--seeds", "1", "--data", str(fake_cifar),
+                 "--out", str(out), *TINY_TOKENS)
+    assert cli.run(args) == 0
+    rows = _rows(out / "results.csv")
+    assert [(r["mechanism"], r["seed"]) for r in rows] == [("global", "0"), ("swin", "0")]
+    assert all(0 <= float(r["accuracy"]) <= 1 and int(r["macs"]) > 0 for r in rows)
+    summary = {s["mechanism"]: s for s in _rows(out / "summary.csv")}
+    for s in summary.values():
+        assert 0 < int(s["attn_flops_32px"]) < int(s["attn_flops_224px"])
+    # global attention is quadratic in the tokens, windows linear: (56/16)^4 vs (56/16)^2
+    g, w = summary["global"], summary["swin"]
+    assert int(g["attn_flops_224px"]) / int(g["attn_flops_32px"]) > 30
+    assert int(w["attn_flops_224px"]) / int(w["attn_flops_32px"]) < 15
+    md = (out / "summary.md").read_text()
+    assert "| vs global |" in md and "mixer FLOPs 224px" in md
+    assert "- skipped: cswin: TypeError" in md
+    assert json.loads((out / "protocol.json").read_text())["net"] == "tokens"
+
+    # run again: every run is finished, nothing is built
+    def no_build(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(token_runner, "build_token_model", no_build)
+    assert cli.run(args) == 0
+    assert _rows(out / "results.csv") == rows
+
+    # the CNN protocol in the token folder (and another token protocol) is refused
+    with pytest.raises(UsageError, match="tokens protocol"):
+        cli.run(_args("se", "--data", str(fake_cifar), "--out", str(out), *TINY))
+    with pytest.raises(UsageError, match="another protocol"):
+        cli.run(_args("--tokens", "--data", str(fake_cifar), "--out", str(out),
+                      *TINY_TOKENS[:-2], "--epochs", "2"))
+
+
+def test_token_resume_is_bit_exact(fake_cifar, tmp_path, tiny_token_preset):
+    from spatial_attention.apps.compare.token_runner import train_token_run
+
+    data = _tiny_data(fake_cifar, tmp_path).subset(64, 8)
+    p = replace_protocol(tiny_token_preset, epochs=2, batch_size=32)
+    full = train_token_run(tmp_path / "full", "global", 0, p, data)
+    assert train_token_run(tmp_path / "cut", "global", 0, p, data, stop_after_epochs=1) is None
+    resumed = train_token_run(tmp_path / "cut", "global", 0, p, data)
+    a = read_weights(tmp_path / "full" / "checkpoint" / "model.safetensors")
+    b = read_weights(tmp_path / "cut" / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.accuracy == full.accuracy
+
+
+def replace_protocol(p, **changes):
+    from dataclasses import replace
+
+    return replace(p, **changes)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--tokens", "not_a_mixer"], "not_a_mixer"),
+    (["--tokens", "se"], "without --tokens"),
+    (["se", "--tokens", "swin"], "token mixers only"),
+    (["--tokens", "multi_view_window_attention"], "token mixers only"),
+    (["--tokens", "none"], "baseline"),
+    (["--tokens", "--family", "channel"], "no token mixers"),
+    (["--tokens", "swin", "--width", "0.5"], "width"),
+    (["window_attention"], "--tokens"),
+])
+def test_token_bad_input_starts_nothing(argv, match, fake_cifar, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match=match):
+        cli.run(_args(*argv, "--data", str(fake_cifar), "--out", str(out)))
+    assert not out.exists()
+
+
+def test_token_command_line_refuses_bad_names_in_one_line(cli, tmp_path):
+    # (the unknown-name case is test_command_line_refuses_bad_input_in_one_line's)
+    for argv in (["--tokens", "cbam"], ["window_attention"]):
+        r = cli("compare", *argv, "--out", str(tmp_path / "runs"))
+        assert r.returncode == 2, argv
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "runs").exists()

@@ -10,6 +10,15 @@ finished runs there.
 All input is checked before anything starts: unknown or non-map names, a family without
 map mechanisms, a missing data folder, a mechanism that cannot be built at the
 protocol's widths, an output folder made under a different protocol.
+
+``--tokens [NAMES...]`` runs the token-mixer protocol instead (:mod:`.token_net`,
+:mod:`.token_runner`): a compact hierarchical transformer whose token mixer is swapped,
+baseline ``global``, output in ``runs/compare-tokens`` by default with the same layout,
+and two more columns, each mixer's FLOPs at the 16x16 token grid of a 32x32 input and
+at the 56x56 grid of a 224x224 one (the mixer alone at the first stage's width). Names
+are checked the same way (a map mechanism with ``--tokens``, or a token mixer without
+it, is refused); an entry whose network cannot be built or run is skipped with a note
+in the summary instead of stopping the queue.
 """
 
 from __future__ import annotations
@@ -26,10 +35,19 @@ from ...errors import UsageError
 from .data import check_data, load_cifar
 from .runner import PRESETS, TTA_MODES, Protocol, RunResult, read_result, steps_of, train_run
 from .stats import SUMMARY_FIELDS, markdown, plot, summarise
+from .token_runner import TOKEN_PRESETS, TokenProtocol, train_token_run
 
 __all__ = ["add_arguments", "run", "select_mechanisms", "protocol_from_args", "RESULT_FIELDS"]
 
 BASELINE = "none"
+TOKEN_BASELINE = "global"
+DEFAULT_OUT = "runs/compare"
+TOKEN_OUT = "runs/compare-tokens"
+#: the token protocol's extra summary columns: (csv field, token grid side, label)
+FLOP_FIELDS = (("attn_flops_32px", 16, "mixer FLOPs 32px"),
+               ("attn_flops_224px", 56, "mixer FLOPs 224px"))
+FLOPS_NAME = "attention_flops.json"
+SKIPPED_NAME = "skipped.json"
 DEFAULT_DATA = "../shared/data/cifar10"
 RESULT_FIELDS = ("mechanism", "seed", "accuracy", "train_seconds", "epochs", "params",
                  "macs", "train_img_s", "infer_img_s", "peak_mem_mb", "device", "threads")
@@ -41,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAMES",
                         help="map mechanisms to compare (default: all of them); the "
                              "baseline 'none' is always included")
+    parser.add_argument("--tokens", nargs="*", metavar="NAMES",
+                        help="token-mixer protocol: compare these token mixers (swin, twins, "
+                             "boat, cswin, or any registered token mixer; default all) in a "
+                             "small hierarchical transformer; baseline 'global'")
     parser.add_argument("--family", choices=registry.FAMILIES, metavar="F",
                         help="only the map mechanisms of this family: "
                              + ", ".join(registry.FAMILIES))
@@ -51,7 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {DEFAULT_DATA})")
     parser.add_argument("--device", default="cpu", metavar="D",
                         help="cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--out", default="runs/compare", metavar="DIR", help="output folder")
+    parser.add_argument("--out", metavar="DIR",
+                        help=f"output folder (default {DEFAULT_OUT}; with --tokens "
+                             f"{TOKEN_OUT})")
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="protocol scale: cpu (half width, 6 epochs) or gpu (full "
                              "width, 16 epochs); default: by --device")
@@ -85,9 +109,10 @@ def select_mechanisms(names: list[str], family: str | None) -> list[str]:
         except ValueError as exc:
             raise UsageError(str(exc).splitlines()[0]) from None
         if entry.layout != "map":
+            hint = " (token mixers: compare --tokens)" if entry.layout == "tokens" else ""
             raise UsageError(
                 f"{name} takes {entry.layout} input {registry.LAYOUTS[entry.layout]}, not a "
-                "(B, C, H, W) map; compare benchmarks map mechanisms only")
+                f"(B, C, H, W) map; compare benchmarks map mechanisms only{hint}")
         if family is not None and entry.family != family:
             raise UsageError(f"{name} is in family {entry.family}, not {family}")
         if entry.name not in chosen:
@@ -99,9 +124,57 @@ def select_mechanisms(names: list[str], family: str | None) -> list[str]:
     return [BASELINE] + chosen
 
 
-def protocol_from_args(args: argparse.Namespace, device: torch.device) -> Protocol:
+def select_token_entries(names: list[str], family: str | None) -> list[str]:
+    """The baseline ``global`` then the requested token-mixer entries, validated."""
+    from ... import registry
+    from .token_net import ENTRIES, TOKEN_FAMILIES, entry_pattern, list_entries
+
+    def families(entry: str) -> set[str]:
+        return {registry.info(m).family for m in entry_pattern(entry)}
+
+    if family is not None and family not in TOKEN_FAMILIES:
+        raise UsageError(f"family {family} has no token mixers; with --tokens use one of "
+                         + ", ".join(TOKEN_FAMILIES))
+    # a registered mixer that is a composite's only member is that composite
+    alias = {pattern[0]: e for e, pattern in ENTRIES.items() if len(pattern) == 1}
+    chosen: list[str] = []
+    for name in names:
+        if name in ENTRIES:
+            entry = name
+        else:
+            if name == BASELINE:
+                raise UsageError("'none' is the CNN protocol's baseline; the token "
+                                 f"protocol's is '{TOKEN_BASELINE}' (always included)")
+            try:
+                info = registry.info(name)
+            except ValueError as exc:
+                raise UsageError(str(exc).splitlines()[0]) from None
+            if info.layout != "tokens" or info.family not in TOKEN_FAMILIES:
+                hint = (" (map mechanisms: compare without --tokens)"
+                        if info.layout == "map" else "")
+                raise UsageError(
+                    f"{name} takes {info.layout} input {registry.LAYOUTS[info.layout]}; "
+                    f"compare --tokens benchmarks token mixers only{hint}")
+            entry = alias.get(info.name, info.name)
+        if family is not None and family not in families(entry):
+            raise UsageError(f"{name} is in family {'/'.join(sorted(families(entry)))}, "
+                             f"not {family}")
+        if entry != TOKEN_BASELINE and entry not in chosen:
+            chosen.append(entry)
+    if not names:
+        chosen = [e for e in list_entries()
+                  if e != TOKEN_BASELINE and (family is None or family in families(e))]
+    return [TOKEN_BASELINE] + chosen
+
+
+def protocol_from_args(args: argparse.Namespace, device: torch.device
+                       ) -> Protocol | TokenProtocol:
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
-    p = PRESETS[preset]
+    tokens = getattr(args, "tokens", None) is not None
+    p: Protocol | TokenProtocol = TOKEN_PRESETS[preset] if tokens else PRESETS[preset]
+    if tokens and getattr(args, "width", None) is not None:
+        raise UsageError("--width sets the CNN protocol's width; the token protocol has "
+                         "fixed dims")
     changes: dict[str, Any] = {}
     for key, attr in (("epochs", "epochs"), ("width", "width"), ("batch_size", "batch_size"),
                       ("subset", "train_subset"), ("test_subset", "test_subset")):
@@ -140,10 +213,74 @@ def _check_buildable(mechanisms: list[str], protocol: Protocol) -> None:
                 from None
 
 
-def _check_out(out: Path, protocol: Protocol) -> None:
+def _token_buildable(entries: list[str], protocol: TokenProtocol) -> dict[str, str]:
+    """``{entry: reason}`` for the entries whose network cannot be built or run at the
+    protocol's dims (told on stdout; the queue goes on without them). The baseline must
+    work."""
+    from .token_net import TokenNet
+
+    skipped: dict[str, str] = {}
+    for name in entries:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                net = TokenNet(name, protocol.dims, protocol.heads, protocol.depths,
+                               protocol.mlp_ratio).eval()
+                with torch.no_grad():
+                    net(torch.zeros(1, 3, 32, 32))
+        except Exception as exc:  # any failure of a third-party mixer: skip, not crash
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            why = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+            if name == TOKEN_BASELINE:
+                raise UsageError(f"the baseline {name} cannot be built at dims "
+                                 f"{protocol.dims}: {why}") from None
+            print(f"compare: skipping {name}: cannot be built or run at dims "
+                  f"{protocol.dims} ({why})")
+            skipped[name] = why
+    return skipped
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_json(path: Path, d: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(d, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def _token_flops(out: Path, entries: list[str], protocol: TokenProtocol) -> None:
+    """Each entry's mixer FLOPs (see FLOP_FIELDS) into ``<out>/attention_flops.json``,
+    counted once per entry (at the first stage's dim and heads)."""
+    from .token_net import attention_flops
+
+    path = out / FLOPS_NAME
+    flops = _read_json(path)
+    for name in entries:
+        if name in flops:
+            continue
+        flops[name] = {}
+        for key, grid, _ in FLOP_FIELDS:
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    flops[name][key] = attention_flops(name, protocol.dims[0],
+                                                       protocol.heads[0], grid)
+            except Exception as exc:  # the table shows "-"; training is unaffected
+                print(f"compare: {name}: mixer FLOPs at a {grid}x{grid} grid not counted "
+                      f"({type(exc).__name__})")
+                flops[name][key] = None
+        _write_json(path, flops)
+
+
+def _check_out(out: Path, protocol: Protocol | TokenProtocol) -> None:
     saved = out / "protocol.json"
     if saved.is_file():
-        old = Protocol.from_json(json.loads(saved.read_text()))
+        d = json.loads(saved.read_text())
+        was, want = d.get("net", "cnn"), getattr(protocol, "net", "cnn")
+        if was != want:
+            raise UsageError(f"{out} holds runs of the {was} protocol, not the {want} one; "
+                             "use another --out")
+        old = type(protocol).from_json(d)
         if old != protocol:
             diff = ", ".join(f"{k} {getattr(old, k)} -> {getattr(protocol, k)}"
                              for k in protocol.to_json() if getattr(old, k) != getattr(protocol, k))
@@ -159,22 +296,42 @@ def collect_rows(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def write_reports(out: Path, protocol: Protocol, device: str, n_test: int = 10_000
-                  ) -> list[dict[str, Any]]:
+def _flops_text(v: Any) -> str:
+    return "-" if v in (None, "") else f"{float(v) / 1e6:.1f}M"
+
+
+def write_reports(out: Path, protocol: Protocol | TokenProtocol, device: str,
+                  n_test: int = 10_000) -> list[dict[str, Any]]:
     from ..training.reporting import write_csv_rows
 
+    tokens = isinstance(protocol, TokenProtocol)
+    baseline = TOKEN_BASELINE if tokens else BASELINE
     rows = collect_rows(out)
-    rows.sort(key=lambda r: (r["mechanism"] != BASELINE, r["mechanism"], r["seed"]))
+    rows.sort(key=lambda r: (r["mechanism"] != baseline, r["mechanism"], r["seed"]))
     write_csv_rows(out / "results.csv", rows, RESULT_FIELDS)
     if not rows:
         return []
-    summary = summarise(rows, BASELINE)
-    write_csv_rows(out / "summary.csv", summary, SUMMARY_FIELDS)
+    summary = summarise(rows, baseline)
+    fields, extra, notes = SUMMARY_FIELDS, [], []
+    if tokens:
+        flops = _read_json(out / FLOPS_NAME)
+        for r in summary:
+            for key, _, _ in FLOP_FIELDS:
+                r[key] = flops.get(r["mechanism"], {}).get(key, "")
+                r[key + "_text"] = _flops_text(r[key])
+        fields = SUMMARY_FIELDS + tuple(k for k, _, _ in FLOP_FIELDS)
+        extra = [(label, key + "_text") for key, _, label in FLOP_FIELDS]
+        notes = [f"Mixer FLOPs: one image through the entry's token mixer alone (projections "
+                 f"included; mean per block of its pattern) at width {protocol.dims[0]}, on the "
+                 "16x16 token grid of a 32x32 input and the 56x56 grid of a 224x224 one."]
+        notes += [f"- skipped: {name}: {why}"
+                  for name, why in sorted(_read_json(out / SKIPPED_NAME).items())]
+    write_csv_rows(out / "summary.csv", summary, fields)
     (out / "summary.md").write_text(markdown(summary, protocol.describe(), device, n_test,
-                                             protocol.tta))
+                                             protocol.tta, baseline, extra, notes))
     try:
         plot(summary, out / "summary.png", f"CIFAR-10, {protocol.describe()}, {device}",
-             protocol.tta)
+             protocol.tta, baseline)
     except ImportError:
         # the tables are the result; the plot is a view of them and needs the viz extra
         print("compare: matplotlib is not installed, summary.png skipped "
@@ -188,17 +345,33 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--seeds must be positive, got {args.seeds}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be positive, got {args.threads}")
-    mechanisms = select_mechanisms(list(args.names), args.family)
+    tokens = getattr(args, "tokens", None) is not None
+    skipped: dict[str, str] = {}
+    if tokens:
+        mechanisms = select_token_entries(list(args.tokens) + list(args.names), args.family)
+    else:
+        mechanisms = select_mechanisms(list(args.names), args.family)
     protocol = protocol_from_args(args, device)
     data_root = check_data(args.data)
-    _check_buildable(mechanisms, protocol)
-    out = Path(args.out)
+    if isinstance(protocol, TokenProtocol):
+        skipped = _token_buildable(mechanisms, protocol)
+        mechanisms = [m for m in mechanisms if m not in skipped]
+    else:
+        _check_buildable(mechanisms, protocol)
+    out = Path(args.out or (TOKEN_OUT if tokens else DEFAULT_OUT))
     _check_out(out, protocol)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
     (out / "protocol.json").write_text(json.dumps(protocol.to_json(), indent=1))
+    train: Any = train_run
+    if isinstance(protocol, TokenProtocol):
+        train = train_token_run
+        old = _read_json(out / SKIPPED_NAME)
+        old = {k: v for k, v in old.items() if k not in mechanisms}
+        _write_json(out / SKIPPED_NAME, {**old, **skipped})
+        _token_flops(out, mechanisms, protocol)
     data = load_cifar(data_root, out / "cache")
     data = data.subset(protocol.train_subset, protocol.test_subset).to(device)
 
@@ -213,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=len(queue) * per_run, unit="step", dynamic_ncols=True) as bar:
         for name, seed in queue:
             bar.set_description(f"{name} seed {seed}")
-            result: RunResult | None = train_run(
+            result: RunResult | None = train(
                 out / "runs" / name / f"seed{seed}", name, seed, protocol, data, device,
                 progress=bar.update, stop_after_epochs=args.stop_after_epochs)
             if result is None:

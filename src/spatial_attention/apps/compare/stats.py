@@ -141,17 +141,21 @@ TTA_SHORT = {"none": "no TTA", "flip": "flip TTA", "flip_translate": "flip + tra
 
 
 def markdown(summary: Sequence[dict[str, Any]], protocol: str, device: str,
-             n_test: int = 10_000, tta: str = "flip_translate") -> str:
+             n_test: int = 10_000, tta: str = "flip_translate", baseline: str = BASELINE,
+             extra: Sequence[tuple[str, str]] = (), notes: Sequence[str] = ()) -> str:
+    """The summary table; ``extra`` adds ``(header, key)`` columns holding ready-made
+    text, ``notes`` adds lines under the table (the CNN protocol uses neither)."""
     lines = [
         f"Protocol: {protocol}. Device: {device}. Test accuracy on {n_test:,} CIFAR-10 test "
         f"images {TTA_TEXT[tta]}; mean and sample std over seeds. Difference from the "
-        "baseline (`none`) in points with a 95% Welch t interval; `*` where it excludes 0. "
-        "MACs: multiply-adds of one image's forward pass. img/s: training and inference "
-        "(each TTA view counted) throughput.",
+        f"baseline (`{baseline}`) in points with a 95% Welch t interval; `*` where it "
+        "excludes 0. MACs: multiply-adds of one image's forward pass. img/s: training and "
+        "inference (each TTA view counted) throughput.",
         "",
-        f"| mechanism | seeds | accuracy % ({TTA_SHORT[tta]}) | std | vs none | 95% CI | | "
-        "params | MACs | train img/s | infer img/s | peak MiB |",
-        "|---|--:|--:|--:|--:|---|---|--:|--:|--:|--:|--:|",
+        f"| mechanism | seeds | accuracy % ({TTA_SHORT[tta]}) | std | vs {baseline} | 95% CI "
+        "| | params | MACs | train img/s | infer img/s | peak MiB |"
+        + "".join(f" {h} |" for h, _ in extra),
+        "|---|--:|--:|--:|--:|---|---|--:|--:|--:|--:|--:|" + "--:|" * len(extra),
     ]
     for r in summary:
         ci = (f"[{_num(r['ci_low'], '+.2f')}, {_num(r['ci_high'], '+.2f')}]"
@@ -162,12 +166,15 @@ def markdown(summary: Sequence[dict[str, Any]], protocol: str, device: str,
             f"{r['significant']} | {r['params']:,} | {r['macs'] / 1e6:.1f}M | "
             f"{_num(r['train_img_s'], '.0f')} | {_num(r['infer_img_s'], '.0f')} | "
             f"{_num(r['peak_mem_mb'], '.0f')} |"
+            + "".join(f" {r.get(key, '-')} |" for _, key in extra)
         )
+    if notes:
+        lines += [""] + list(notes)
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str,
-         tta: str = "flip_translate") -> None:
+         tta: str = "flip_translate", baseline: str = BASELINE) -> None:
     """Accuracy against multiply-adds and against training throughput, std as error bars."""
     import matplotlib
 
@@ -181,7 +188,7 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str,
             x = r[key] / 1e6 if key == "macs" else r[key]
             err = 0.0 if math.isnan(r["std"]) else r["std"]
             ax.errorbar(x, r["mean"], yerr=err, fmt="o", capsize=3,
-                        color="black" if r["mechanism"] == BASELINE else None)
+                        color="black" if r["mechanism"] == baseline else None)
             ax.annotate(r["mechanism"], (x, r["mean"]), textcoords="offset points",
                         xytext=(4, 3), fontsize=7)
         ax.set_xlabel(label)
