@@ -19,6 +19,9 @@ model          dims                heads        depths     groups 3-4  params  F
 ``dat_base``   128,256,512,1024    4,8,16,32    2,2,18,2   4, 8        88M     15.8G
 =============  ==================  ===========  =========  ==========  ======  =====
 
+Built here: 28.3M / 49.7M / 87.9M parameters (the official code's counts; its DAT-T is
+28.3M too) and 4.56 / 8.96 / 15.72 G multiply-adds at 224 (``count_flops``).
+
 Official checkpoints (``LeapLabTHU/DAT``, the CVPR 2022 release) load with
 :func:`load_pretrained` (:func:`convert_official_dat`: ``layer_norms.{2d, 2d+1}`` become
 block ``d``'s ``norm1`` / ``norm2``, ``mlps.d.chunk.linear1/2`` its ``mlp.fc1/fc2``,
