@@ -20,6 +20,7 @@ from .cpms import ChannelPriorMultiScaleAttention
 from .criss_cross import CrissCrossAttention
 from .cswin import CSWinAttention
 from .deformable import DeformableConv2d, DynamicConv2d
+from .deformable_attention import DeformableAttention
 from .ema import EMA
 from .external import ExternalAttention
 from .gam import GAM
@@ -46,6 +47,7 @@ for _mod in _pkgutil.iter_modules(__path__):
         _importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = [
+    "DeformableAttention",
     "ShuffleAttention",
     "LargeSelectiveKernel",
     "BiLevelRoutingAttention",
