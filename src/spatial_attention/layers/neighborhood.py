@@ -201,13 +201,12 @@ class NeighborhoodAttention(AttentionModule):
                              to_2tuple(self.tile), qkv.device)
         nT, Q = tiles.query.shape
         K = tiles.key.shape[1]
-        # rows of one head gathered tile-major, batch- then head-minor: every group of
-        # tiles is then a contiguous (tiles * B, heads, Q | K, d) block (split, no copy)
+        # rows of one head gathered tile-major, batch- then head-minor: a range of tiles
+        # is one (tiles * B, heads, Q | K, d) block, its mask broadcast over it
         base = torch.arange(B * h, device=qkv.device).view(1, B * h, 1) * Np
-        qi = (tiles.query[:, None] + base).view(-1)
-        ki = (tiles.key[:, None] + base).view(-1)
-        q, k, v = (t.view(-1, d).index_select(0, i) for t, i in zip(
-            qkv.unbind(0), (qi, ki, ki), strict=True))
+        qi = (tiles.query[:, None] + base).view(nT, -1)
+        ki = (tiles.key[:, None] + base).view(nT, -1)
+        sources = [t.view(-1, d) for t in qkv.unbind(0)]
         table = self._table(qkv.dtype)
         masks = []
         for g in range(len(tiles.groups)):
@@ -218,22 +217,25 @@ class NeighborhoodAttention(AttentionModule):
                                         and table.requires_grad):
             # training: one call over every tile, each tile's mask broadcast over the batch
             # (per-group calls would make autograd concatenate the split gradients)
+            q, k, v = (src.index_select(0, i.view(-1)).view(nT, B, h, -1, d)
+                       for src, i in zip(sources, (qi, ki, ki), strict=True))
             counts = torch.tensor([stop - first for first, stop in tiles.groups],
                                   device=qkv.device)
             mask = torch.stack(masks).repeat_interleave(counts, 0, output_size=nT)
             mask = mask.view(nT, 1, -1, Q, K)  # (tiles, 1, heads | 1, Q, K)
-            q, k, v = (t.view(nT, B, h, -1, d) for t in (q, k, v))
             if qkv.is_cuda:  # CUDA's fused kernels take 4-D only
                 q, k, v = (t.flatten(0, 1) for t in (q, k, v))
                 mask = mask.expand(nT, B, h, Q, K).flatten(0, 1)
             out = attention(q, k, v, mask, scale=self.scale, dropout_p=p, impl=sdpa)
         else:
-            sizes = [(stop - first) * B for first, stop in tiles.groups]
-            q, k, v = (t.split(sizes) for t in (q.view(nT * B, h, Q, d),
-                                                 k.view(nT * B, h, K, d),
-                                                 v.view(nT * B, h, K, d)))
-            outs = [attention(q[g], k[g], v[g], m.expand(1, h, Q, K), scale=self.scale,
-                              dropout_p=p, impl=sdpa) for g, m in enumerate(masks)]
+            # inference: each group gathered just before its call (less memory held)
+            outs = []
+            for (first, stop), mask in zip(tiles.groups, masks, strict=True):
+                n = (stop - first) * B
+                q, k, v = (src.index_select(0, i[first:stop].reshape(-1)).view(n, h, -1, d)
+                           for src, i in zip(sources, (qi, ki, ki), strict=True))
+                outs.append(attention(q, k, v, mask.expand(1, h, Q, K), scale=self.scale,
+                                      dropout_p=p, impl=sdpa))
             out = torch.cat(outs) if len(outs) > 1 else outs[0].contiguous()
         # each real token's slot, per head (the crop drops padded queries)
         slot = tiles.output.view(Hp, Wp)[:H, :W].reshape(1, -1, 1)
