@@ -202,17 +202,27 @@ def test_load_official_state_dict_from_a_nat_checkpoint():
     """NAT's checkpoints hold levels.{i}.blocks.{j}.attn.{qkv,rpb,proj}; a model saved
     through DataParallel adds module., training scripts wrap it in a dict."""
     torch.manual_seed(0)
-    prefix = "module.levels.1.blocks.0.attn."
-    official = {prefix + "qkv.weight": torch.randn(384, 128),
+
+    def attn(prefix):
+        return {prefix + "qkv.weight": torch.randn(384, 128),
                 prefix + "qkv.bias": torch.randn(384), prefix + "rpb": torch.randn(4, 13, 13),
                 prefix + "proj.weight": torch.randn(128, 128),
                 prefix + "proj.bias": torch.randn(128)}
+
+    prefix = "levels.1.blocks.0.attn."
+    one = {"module." + k: v for k, v in attn(prefix).items()}
     m = sa.create("neighborhood_attention", 128, 4)
-    m.load_official_state_dict({"model": official})
+    m.load_official_state_dict({"model": one})
     for key, value in m.state_dict().items():
-        torch.testing.assert_close(value, official[prefix + key])
+        torch.testing.assert_close(value, one["module." + prefix + key])
+    many = {**attn(prefix), **attn("levels.1.blocks.1.attn."), "norm.weight": torch.ones(3)}
+    with pytest.raises(ValueError, match="2 attention modules.*prefix="):
+        m.load_official_state_dict(many)
+    m.load_official_state_dict(many, prefix="levels.1.blocks.1.attn.")
+    torch.testing.assert_close(m.rpb, many["levels.1.blocks.1.attn.rpb"])
+    m.load_official_state_dict(attn(""))  # a module's own state dict
     with pytest.raises(RuntimeError, match="rpb"):
-        m.load_official_state_dict({k: v for k, v in official.items() if "rpb" not in k})
+        m.load_official_state_dict({k: v for k, v in one.items() if "rpb" not in k})
 
 
 def test_clear_errors():

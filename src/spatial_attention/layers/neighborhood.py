@@ -285,21 +285,28 @@ class NeighborhoodAttention(AttentionModule):
                                     scale=self.scale)
 
     # -- checkpoints and visualisation --------------------------------------------------
-    def load_official_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True):
-        """Load NATTEN ``NeighborhoodAttention2D`` weights (``qkv.*``, ``rpb``, ``proj.*``,
-        as in NAT's ``levels.{i}.blocks.{j}.attn``): a prefix ending in ``attn.`` and the
-        ``module.`` / ``{'state_dict': ...}`` / ``{'model': ...}`` wrappings are removed."""
+    def load_official_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True,
+                                 prefix: str | None = None):
+        """Load NATTEN ``NeighborhoodAttention2D`` weights (``qkv.*``, ``rpb``, ``proj.*``)
+        from a module's state dict or a whole model's (NAT: ``levels.{i}.blocks.{j}.attn.``;
+        pass ``prefix`` when it holds several). ``{'model' | 'state_dict': ...}`` wrappings
+        and the ``module.`` prefix of DataParallel are removed."""
         for wrapper in ("state_dict", "model"):
             if isinstance(state_dict.get(wrapper), Mapping):
                 state_dict = state_dict[wrapper]
-        own = {}
-        for key, value in state_dict.items():
-            tail = key.split(".")
-            for n in range(len(tail)):
-                if ".".join(tail[n:]) in ("qkv.weight", "qkv.bias", "rpb", "proj.weight",
-                                          "proj.bias"):
-                    own[".".join(tail[n:])] = value
-                    break
+        state_dict = {k[len("module."):] if k.startswith("module.") else k: v
+                      for k, v in state_dict.items()}
+        if prefix is None:
+            found = sorted(k[: -len("qkv.weight")] for k in state_dict
+                           if k.endswith("qkv.weight"))
+            if len(found) > 1:
+                raise ValueError(
+                    f"neighborhood_attention: the state dict holds {len(found)} attention "
+                    f"modules ({', '.join(found[:3])}, ...); pass prefix= to choose one")
+            prefix = found[0] if found else ""
+        names = set(self.state_dict())
+        own = {k[len(prefix):]: v for k, v in state_dict.items()
+               if k.startswith(prefix) and k[len(prefix):] in names}
         return self.load_state_dict(own, strict=strict)
 
     @classmethod
