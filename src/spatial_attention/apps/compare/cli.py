@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "boat, cswin, or any registered token mixer; default all) in a "
                              "small hierarchical transformer; baseline 'global'")
     parser.add_argument("--family", choices=registry.FAMILIES, metavar="F",
-                        help="only the map mechanisms of this family: "
+                        help="only the map mechanisms (with --tokens: token mixers) of this "
+                             "family: "
                              + ", ".join(registry.FAMILIES))
     parser.add_argument("--seeds", type=int, default=3, metavar="N",
                         help="seeds 0..N-1 (default 3)")
@@ -78,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{TOKEN_OUT})")
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="protocol scale: cpu (half width, 6 epochs) or gpu (full "
-                             "width, 16 epochs); default: by --device")
+                             "width, 16 epochs); with --tokens cpu (2 epochs, batch 256) or "
+                             "gpu (40 epochs, batch 512); default: by --device")
     parser.add_argument("--epochs", type=int, metavar="E", help="override the preset's epochs")
     parser.add_argument("--width", type=float, help="override the preset's width multiplier")
     parser.add_argument("--batch-size", type=int, help="override the preset's batch size")
