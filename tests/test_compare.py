@@ -391,3 +391,22 @@ def test_token_command_line_refuses_bad_names_in_one_line(cli, tmp_path):
         assert r.returncode == 2, argv
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "runs").exists()
+
+
+def test_token_backbone_init_does_not_depend_on_the_mixer():
+    from spatial_attention.apps.compare.token_net import TokenNet
+
+    kw = {"dims": (16, 32, 32), "heads": (1, 2, 2), "depths": (2, 1, 1)}
+    torch.manual_seed(5)
+    base = TokenNet("global", **kw).state_dict()
+    torch.manual_seed(5)
+    other = TokenNet("swin", **kw)
+    from spatial_attention import registry
+
+    assert [type(b.mixer) for b in other.stages[0]] == [
+        registry.info(n).cls for n in ("window_attention", "shifted_window_attention")]
+    assert tuple(other.stages[0][1].mixer.shift_size) == (2, 2)  # the shifted half
+    other = other.state_dict()
+    shared = [k for k in base if ".mixer." not in k]
+    assert shared and all(torch.equal(base[k], other[k]) for k in shared)
+    assert TokenNet("global", **kw)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
