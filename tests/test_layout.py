@@ -161,8 +161,8 @@ def test_functional_exports_what_its_submodules_export():
 
     import spatial_attention.functional as F
 
-    for sub in ("clustering", "dispatch", "gates", "permute", "position", "sampling",
-                "scoring", "windows"):
+    for sub in ("clustering", "dispatch", "gates", "neighborhood", "permute", "position",
+                "sampling", "scoring", "windows"):
         module = importlib.import_module(f"spatial_attention.functional.{sub}")
         public = [n for n in getattr(module, "__all__", []) if n not in
                   ("fused_path_applies", "check_deform_args")]  # internals of one layer

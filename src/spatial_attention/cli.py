@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.add_train_arguments(p)
     p.set_defaults(func=denoise.run_train)
 
-    p = sub.add_parser("compare", help="equal-budget CIFAR-10 accuracy of map mechanisms "
+    p = sub.add_parser("compare", help="equal-budget CIFAR-10 accuracy of map mechanisms (or, "
+                       "with --tokens, of token mixers in a small transformer) "
                        "(resumable queue; results.csv, summary.md, summary.png)")
     compare.add_arguments(p)
     p.set_defaults(func=compare.run)

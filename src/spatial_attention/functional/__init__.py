@@ -3,7 +3,9 @@
 * ``dispatch``: ``attention()`` (Eq. 1 by ``impl``), ``materialized_attention()``, the
   process-wide ``attn_impl`` default.
 * ``scoring``: scores (dot, scaled, additive), masks and the masked softmax.
-* ``windows``: padding, partition, cyclic shift, Swin's masks, the one-gather layouts.
+* ``windows``: padding, partition, cyclic shift, Swin's masks, the one-gather layouts;
+  MaxViT's grid partition.
+* ``neighborhood``: NATTEN's neighbourhood windows (indices, bias index, query tiles).
 * ``position``: relative position index and bias.
 * ``permute``: token reorderings whose backward is a gather.
 * ``clustering``: BOAT's balanced binary clustering.
@@ -22,6 +24,14 @@ from .dispatch import (
     use_attn_impl,
 )
 from .gates import ChannelMLP, SpatialConvBN, cbam_gates, cbam_gates_reference, channel_shuffle
+from .neighborhood import (
+    NeighborhoodTiles,
+    axis_window_start,
+    neighborhood_bias_index,
+    neighborhood_index,
+    neighborhood_padding,
+    neighborhood_tiles,
+)
 from .permute import inverse_index, permute_rows
 from .position import relative_position_bias, relative_position_index
 from .sampling import (
@@ -43,6 +53,11 @@ from .windows import (
     WindowLayout,
     cyclic_shift,
     effective_shift,
+    grid_attention_mask,
+    grid_layout,
+    grid_partition,
+    grid_reverse,
+    grid_token_index,
     pad_to_multiple,
     padding_mask,
     region_labels,
@@ -56,6 +71,17 @@ from .windows import (
 )
 
 __all__ = [
+    "NeighborhoodTiles",
+    "axis_window_start",
+    "neighborhood_bias_index",
+    "neighborhood_index",
+    "neighborhood_padding",
+    "neighborhood_tiles",
+    "grid_attention_mask",
+    "grid_layout",
+    "grid_partition",
+    "grid_reverse",
+    "grid_token_index",
     "ATTN_IMPLS",
     "ChannelMLP",
     "SpatialConvBN",

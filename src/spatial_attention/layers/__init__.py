@@ -29,6 +29,7 @@ from .global_attention import GlobalAttention, GlobalSubsampledAttention
 from .global_context import GlobalContext
 from .lsk import LargeSelectiveKernel
 from .multiview import MultiViewWindowAttention
+from .neighborhood import NeighborhoodAttention
 from .non_local import NonLocal2d
 from .polarized import PolarizedSelfAttention
 from .position import PositionEncodingGenerator, RelativePositionBias
@@ -47,6 +48,7 @@ for _mod in _pkgutil.iter_modules(__path__):
         _importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = [
+    "NeighborhoodAttention",
     "DeformableAttention",
     "ShuffleAttention",
     "LargeSelectiveKernel",
