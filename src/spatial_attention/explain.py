@@ -238,7 +238,8 @@ def rollout_map(model: nn.Module, x: Tensor, *, method: str = "gradient",
     """``(logits, (B, h, w))``: ``method="rollout"`` (Abnar & Zuidema) or ``"gradient"``
     (Chefer et al., for ``target``, default the predicted class) through every recorded
     self-attention layer of ``model``, read at the class token's row when the model has
-    prefix tokens (``num_prefix_tokens``, as timm's ViTs), else averaged over queries."""
+    prefix tokens (``num_prefix_tokens``, as timm's ViTs), else averaged over queries
+    (for the gradient rule, of ``R - I``: the identity would swamp a pooled model's map)."""
     if method not in ("rollout", "gradient"):
         raise ValueError(f"method must be 'rollout' or 'gradient', got {method!r}")
     if method == "gradient":
@@ -271,6 +272,10 @@ def rollout_map(model: nn.Module, x: Tensor, *, method: str = "gradient",
     else:
         rel = attention_rollout([w for _, w, _ in kept], head_fusion, discard_ratio)
     p = _prefix_tokens(model)
+    if method == "gradient" and not p:
+        # without a class token every row keeps its identity term; the map is what the
+        # layers added to it (the class-token row drops its own column instead)
+        rel = rel - torch.eye(rel.shape[-1], device=rel.device)
     row = rel[:, 0, p:] if p else rel.mean(1)
     grid = token_grid(row.shape[-1], tuple(x.shape[-2:]))
     return logits.detach(), row.reshape(row.shape[0], *grid)
