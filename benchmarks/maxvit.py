@@ -1,6 +1,6 @@
 """MaxViT block and grid attention: ours against timm's, same weights, CPU.
 
-    python benchmarks/maxvit.py --threads 1
+    python benchmarks/maxvit.py --threads 1 [--model]
 
 timm (``timm.models.maxxvit``) is the reference: its ``PartitionAttentionCl`` partitions
 the map (``window_partition`` / ``grid_partition``), runs ``AttentionCl`` with the
@@ -11,6 +11,7 @@ that method (``_partition_attn``), with weights copied from ours through
 interleave all cases (:func:`spatial_attention.apps.bench.interleaved_times`); medians
 and minima over ``--repeats`` rounds; peak memory of one call from the tensor-storage
 tracker. A parity line (max abs difference to timm, fp32) precedes each table.
+``--model`` times the whole MaxViT-T against timm's ``maxvit_tiny_tf_224`` as well.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def modules(kind: str, C: int, P: int):
 
 
 def table(times, peaks, ref):
-    out = ["| case | median ms | min ms | x ours auto (median / min) | peak MiB |",
+    out = [f"| case | median ms | min ms | x {ref} (median / min) | peak MiB |",
            "|---|---:|---:|---:|---:|"]
     rmed, rmin = statistics.median(times[ref]), min(times[ref])
     for name, t in times.items():
@@ -106,13 +107,49 @@ def run(kind, x, P, repeats):
         print(table(times, peaks, "ours auto"))
 
 
+def run_model(batch, size, repeats):
+    """maxvit_tiny against timm's maxvit_tiny_tf_224 (random weights, ours loaded from
+    timm's state dict), eval forward and a training step's forward + backward."""
+    import _torchvision_shim  # noqa: F401
+    import timm
+
+    from spatial_attention.models import create_model
+    from spatial_attention.models.maxvit import load_pretrained
+
+    theirs = timm.create_model("maxvit_tiny_tf_224", pretrained=False, img_size=size)
+    ours = load_pretrained(create_model("maxvit_tiny", partition=size // 32, drop_path_rate=0),
+                           theirs.state_dict())
+    mods = {"ours maxvit_tiny": ours, "timm maxvit_tiny_tf_224": theirs}
+    x = torch.randn(batch, 3, size, size)
+    for m in mods.values():
+        m.eval()
+    with torch.no_grad():
+        diff = (ours(x) - theirs(x)).abs().max().item()
+    print(f"\n### MaxViT-T on {tuple(x.shape)}\n\nmax abs logit diff (fp32, eval): {diff:.2g}")
+    grad = torch.randn(batch, 1000)
+    for label, train, make in (("forward (eval, no_grad)", False, lambda m: forward_case(m, x)),
+                               ("forward + backward (train)", True,
+                                lambda m: train_case(m, x, grad))):
+        for m in mods.values():
+            m.train(train)
+        cases = {n: make(m) for n, m in mods.items()}
+        times = interleaved_times(cases, repeats, warmup=1)
+        peaks = {n: peak_memory_bytes(c, "cpu", [x, *mods[n].parameters()])
+                 for n, c in cases.items()}
+        print(f"\n#### {label}\n")
+        print(table(times, peaks, "ours maxvit_tiny"))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--shape", default="8,56,56,96", help="B,H,W,C")
     p.add_argument("--size", type=int, default=7, help="window / grid size P = G")
-    p.add_argument("--kinds", default="block,grid")
+    p.add_argument("--kinds", default="block,grid", help="mixers to time ('' for none)")
+    p.add_argument("--model", action="store_true", help="also time MaxViT-T against timm's")
+    p.add_argument("--model-batch", type=int, default=4)
+    p.add_argument("--model-repeats", type=int, default=5)
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="glibc: no page faults on reallocation (see keep_freed_memory)")
     args = p.parse_args()
@@ -123,8 +160,10 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU, "
           f"{allocator}")
     x = torch.randn(B, H, W, C)
-    for kind in args.kinds.split(","):
+    for kind in filter(None, args.kinds.split(",")):
         run(kind, x, args.size, args.repeats)
+    if args.model:
+        run_model(args.model_batch, 224, args.model_repeats)
 
 
 if __name__ == "__main__":
