@@ -207,7 +207,7 @@ def test_equals_timm_with_the_same_weights(kind, rel_type, ours, head_first):
     for p in theirs.parameters():
         torch.nn.init.normal_(p, std=0.2)
     m = CLASSES[kind](C, None, P, rel_pos=ours).eval()
-    m.load_state_dict(convert_timm_maxvit_keys(theirs.state_dict(), head_first=head_first))
+    m.load_timm_state_dict(theirs.state_dict(), head_first=head_first)
     x = torch.randn(2, *size, C)
     split, merge = ((tm.window_partition, tm.window_reverse) if kind == "block"
                     else (tm.grid_partition, tm.grid_reverse))
@@ -232,7 +232,8 @@ def test_timm_key_names_load():
     ours = convert_timm_maxvit_keys(timm_sd)
     assert pre + "relative_position_bias_table" in ours and len(ours) == len(timm_sd)
     m = MaxViTGridAttention(C)
-    m.load_state_dict({k[len(pre):]: v for k, v in ours.items() if k.startswith(pre)})
+    m.load_timm_state_dict(timm_sd, prefix=pre)
+    assert torch.equal(m.qkv.weight, timm_sd[pre + "qkv.weight"])
     assert torch.equal(m.relative_position_bias_table, timm_sd[pre + "rel_pos."
                                                                "relative_position_bias_table"])
     # head_first (timm's *_rw): qkv rows laid out (heads, 3, d) -> (3, heads, d)

@@ -211,6 +211,17 @@ class _PartitionAttention(AttentionModule):
                                layout.unscatter, zero_row=layout.padded)
         return self.proj_drop(self.proj(out)).view(B, H, W, C)
 
+    def load_timm_state_dict(self, state_dict: Mapping[str, Tensor], prefix: str = "",
+                             head_first: bool = False, strict: bool = True):
+        """Load one timm ``AttentionCl``'s weights: its own state dict, or the keys under
+        ``prefix`` (``"stages.0.blocks.0.attn_grid.attn."``) of a whole model's.
+        ``head_first``: see :func:`convert_timm_maxvit_keys`."""
+        if prefix:
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()
+                          if k.startswith(prefix)}
+        return self.load_state_dict(
+            convert_timm_maxvit_keys(state_dict, head_first, self.head_dim), strict=strict)
+
     @classmethod
     def spatial_map(cls, weights: Tensor, size: tuple[int, int]) -> Tensor:
         """Per-group maps ``(B, nW, heads, N, N)`` -> ``(B, H, W)``: the attention each
@@ -255,7 +266,7 @@ class MaxViTBlockAttention(_PartitionAttention):
 
     Cost: ``8·B·N·C²`` (qkv, proj) ``+ 4·B·N·P²·C`` (attention), ``N = H·W``.
     Parameter names as timm's ``AttentionCl`` (``qkv``, ``proj``), table
-    ``relative_position_bias_table``: :func:`convert_timm_maxvit_keys` loads timm weights.
+    ``relative_position_bias_table``: ``load_timm_state_dict`` loads timm's weights.
     Init as the official code: weights and table N(0, 0.02), biases zero.
     Deviation: official code and timm need ``H, W`` divisible by ``P``; here the map is
     padded and the padding masked out of the softmax, equal to them where none is needed.
@@ -310,7 +321,7 @@ class MaxViTGridAttention(_PartitionAttention):
             or None. qkv_bias: True. attn_drop, proj_drop: dropout on weights, output.
 
     Cost: ``8·B·N·C²`` (qkv, proj) ``+ 4·B·N·G²·C`` (attention), ``N = H·W``.
-    Parameter names as timm's ``AttentionCl``; :func:`convert_timm_maxvit_keys` maps timm's.
+    Parameter names as timm's ``AttentionCl``; ``load_timm_state_dict`` loads timm's weights.
     Init as the official code: weights and table N(0, 0.02), biases zero.
     Deviation: official code and timm need ``H, W`` divisible by ``G``; here the map is
     padded to ``G·ceil(H/G)`` rows (``G·ceil(W/G)`` columns), so the dilation is
