@@ -28,6 +28,7 @@ from .generalized import GeneralizedAttention
 from .global_attention import GlobalAttention, GlobalSubsampledAttention
 from .global_context import GlobalContext
 from .lsk import LargeSelectiveKernel
+from .maxvit import MaxViTBlockAttention, MaxViTGridAttention
 from .multiview import MultiViewWindowAttention
 from .neighborhood import NeighborhoodAttention
 from .non_local import NonLocal2d
@@ -48,6 +49,8 @@ for _mod in _pkgutil.iter_modules(__path__):
         _importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = [
+    "MaxViTBlockAttention",
+    "MaxViTGridAttention",
     "NeighborhoodAttention",
     "DeformableAttention",
     "ShuffleAttention",
