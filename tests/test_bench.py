@@ -326,3 +326,132 @@ def test_timing_cases_run_forward_and_backward():
     forward_case(m, x)()
     train_case(m, x, torch.ones(2, 8, 4, 4))()
     assert all(p.grad is not None for p in m.parameters())
+
+
+# -- the plan, the estimate, output checks, models ---------------------------------------
+def test_plan_names_targets_shapes_and_modes_without_compute(monkeypatch):
+    def no_compute(*args, **kw):
+        raise AssertionError("measured while planning")
+
+    monkeypatch.setattr(bench, "_bench_one", no_compute)
+    plan = bench.make_plan(["se", "multi_head", "se"], batch=1, channels=8, size=(4, 4))
+    assert [t.name for t in plan.targets] == ["se", "multi_head"]  # once each
+    assert plan.shapes == ["1x8x4x4", "1x16x8"]
+    assert plan.modes == ("forward", "forward+backward")
+    assert plan.calls_per_target() == (1 + 3 + 10, 1 + 3 + 10 + 1)
+    assert plan.meta_flops[1] == 4 * 2 * 16 * 8 * 8 + 4 * 16 * 16 * 8  # as measured below
+    text = plan.describe()
+    assert "2 mechanisms x 1 input each x 2 modes (forward, forward+backward) = 4 timed" in text
+    assert "map input 1x8x4x4: se" in text and "sequence input 1x16x8: multi_head" in text
+    assert "quick look" not in text  # names were given
+    fwd_only = bench.make_plan(["se"], backward=False, check=False)
+    assert fwd_only.modes == ("forward",) and fwd_only.meta_seconds is None
+    assert "1 mechanism x 1 input each x 1 mode (forward) = 1 timed" in fwd_only.describe()
+
+
+def test_plan_of_every_mechanism_suggests_a_quick_look():
+    plan = bench.make_plan(check=False)  # shapes only: building on meta, no forward
+    assert len(plan.targets) == len(registry.list_mechanisms())
+    assert "spatial-attention bench se cbam multi_head" in plan.describe()
+
+
+def test_estimate_pilots_within_its_budget_and_extrapolates():
+    plan = bench.make_plan(["se", "eca", "multi_head"], batch=1, channels=8, size=(4, 4))
+    full = bench.estimate(plan)
+    assert (full.measured, full.total) == (3, 3) and full.seconds > 0
+    assert "one forward and one training step of each target" in full.describe()
+    cut = bench.estimate(plan, budget_s=0.0)  # one target at least, the rest scaled
+    assert (cut.measured, cut.total) == (1, 3) and cut.seconds > 0
+    assert "1 of the 3 targets" in cut.describe()
+
+
+def test_models_are_measured_whole():
+    from spatial_attention.models import create_model
+
+    (r,) = bench.benchmark(["resnet10_cifar"], size=(16, 16), repeats=1, warmup=0)
+    assert r.ok, r.error
+    assert r.layout == "model" and r.family == "classification"
+    assert r.input_shape == "1x3x16x16"  # batch 1 by default for models
+    model = create_model("resnet10_cifar").eval()
+    assert r.params == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        flops, _ = count_flops(model, torch.randn(1, 3, 16, 16))
+    assert round(r.fwd_gflops * 1e9) == flops
+    assert r.fwd_ms > 0 and r.fwd_bwd_ms > 0 and r.peak_mib > 0
+    assert bench.format_table([r]).splitlines()[1].startswith("name ")
+    # BatchNorm on a 1x1 map cannot train on one image: the forward is still measured
+    (r,) = bench.benchmark(["resnet10_cifar"], size=(8, 8), repeats=1, warmup=0)
+    assert "--batch 2 or more" in r.error and r.fwd_ms > 0 and r.fwd_gflops > 0
+    # nominal sizes, and Sort-of-CLEVR's question input, from meta builds alone
+    plan = bench.make_plan(["swin_tiny", "workspace_transformer", "nbnet_small",
+                            "vit_micro_cifar", "mvswin_micro_cifar"], check=False)
+    assert plan.shapes == ["1x3x224x224", "1x3x75x75, 1x18", "1x3x256x256", "1x3x32x32",
+                           "1x2x3x32x32"]
+    assert "5 models" in plan.describe()
+
+
+def test_unknown_name_lists_mechanisms_and_models():
+    with pytest.raises(ValueError, match=r"unknown mechanism or model 'resnet10'.*resnet10_cifar"):
+        bench.make_plan(["resnet10"])
+
+
+def test_count_flops_is_documented():
+    doc = count_flops.__doc__
+    assert "multiply-add" in doc and "FlopCounterMode" in doc
+
+
+def test_output_paths_are_checked_before_anything_runs(tmp_path, monkeypatch):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(UsageError, match="is a directory"):
+        bench.check_output_path("--out", tmp_path)
+    with pytest.raises(UsageError, match="is not a directory"):
+        bench.check_output_path("--out", a_file / "sub" / "r.csv")
+    bench.check_output_path("--out", tmp_path / "new" / "dir" / "r.csv")  # made on write
+    assert not (tmp_path / "new").exists()
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(bench.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(UsageError, match=r"--plot .*cannot write in .*Permission denied"):
+        bench.check_output_path("--plot", tmp_path / "p.png")
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--out", "{file}/r.csv"), "--out .* is not a directory"),
+    (("--plot", "{dir}"), "--plot .* is a directory"),
+    (("--plot", "{dir}/p.xyz"), "unknown image format .xyz"),
+    (("--out", "{dir}/same", "--plot", "{dir}/same"), "same file"),
+])
+def test_cli_refuses_unwritable_outputs_first(capsys, tmp_path, args, match):
+    import re
+
+    from spatial_attention.cli import main
+
+    (tmp_path / "f").write_text("x")
+    args = [a.format(file=tmp_path / "f", dir=tmp_path) for a in args]
+    assert main(["bench", "se", "--size", "4", "4", "--channels", "8", "--batch", "1",
+                 *args]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines  # before the plan: nothing else printed
+    assert lines[0].startswith("spatial-attention bench: error: ")
+    assert re.search(match, lines[0]), lines[0]
+
+
+def test_cli_prints_the_plan_and_estimate_and_plan_measures_nothing(capsys, tmp_path):
+    from spatial_attention.cli import main
+
+    out = tmp_path / "r.csv"
+    assert main(["bench", "se", "resnet10_cifar", "--size", "16", "16", "--channels", "8",
+                 "--repeats", "1", "--warmup", "0", "--plan", "--out", str(out)]) == 0
+    io = capsys.readouterr()
+    assert "plan: 1 mechanism and 1 model x 1 input each x 2 modes" in io.err
+    assert "map input 8x8x16x16: se" in io.err and "model input 1x3x16x16" in io.err
+    assert "estimate: about" in io.err and "of each target" in io.err
+    assert io.out == "" and not out.exists()
+    assert main(["bench", "se", "--size", "4", "4", "--channels", "8", "--batch", "1",
+                 "--repeats", "1", "--warmup", "0", "--no-estimate"]) == 0
+    io = capsys.readouterr()
+    assert "plan: 1 mechanism" in io.err and "estimate" not in io.err
+    assert "se" in io.out and "fwd ms" in io.out

@@ -168,7 +168,18 @@ _LOCAL_FORMULAS = {
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:
     """Run ``fn(*args, **kwargs)`` under a ``FlopCounterMode``; ``(total FLOPs, result)``.
 
-    With the convolution formulas of the module doc put right.
+    ``fn`` is any callable: a module, a model, a closure that runs a training step (the
+    backward's FLOPs are counted too). The count is PyTorch's, with the CPU fused
+    attention kernels, matrix-vector products and convolution backward put right (see
+    the module doc). Convention: one multiply-add is 2 FLOPs, and only matrix products
+    and convolutions count (softmax, norms, activations: 0). Papers that quote "FLOPs"
+    for a model usually mean multiply-adds: halve this to compare. The tensors may live
+    on the meta device (shapes only, nothing computed); ``spatial-attention bench`` uses
+    it for its GFLOPs columns.
+
+    >>> import torch
+    >>> from spatial_attention.models import create_model
+    >>> flops, logits = count_flops(create_model("resnet10_cifar"), torch.randn(1, 3, 32, 32))
     """
     mapping = dict(_LOCAL_FORMULAS)
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
