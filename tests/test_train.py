@@ -260,3 +260,153 @@ def test_threads_option(cli, tmp_path):
     r = cli("train", "--threads", "0", "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and "--threads must be >= 1, got 0" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+# -- extending a run, starting from weights -------------------------------------------------
+def test_extend_a_finished_run(tmp_path, capsys):
+    """--resume RUN --epochs N: exactly the epochs added, rows kept, the schedule recomputed
+    for the new total from the run's step, exact under a stop; N <= done is refused."""
+    from spatial_attention.apps.training import WarmupCosine
+
+    a = tmp_path / "a"
+    assert train(*TINY, "--epochs", "1", "--overlays", "0", "--out", str(a)) == 0
+    first = metrics(a)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)  # the same finished 1-epoch run, extended with a stop below
+    with pytest.raises(UsageError, match=r"--epochs 1: .* already trained 1 epoch\(s\) "
+                       r"\(finished, configured for 1\).*--epochs 2"):
+        train_raises("--resume", str(a), "--epochs", "1")
+    capsys.readouterr()
+    assert train("--resume", str(a), "--epochs", "2") == 0
+    out = capsys.readouterr().out
+    assert "extending from 1 to 2 epochs at step 44" in out
+    rows = metrics(a)
+    assert len(rows) == 2 and rows[0] == first[0]  # one more epoch, the first row kept
+    assert rows[1]["epoch"] == "2" and rows[1]["step"] == "88"
+    state = torch.load(a / "checkpoint" / "state.pt", weights_only=True)
+    assert (state["epoch"], state["global_step"], state["finished"]) == (2, 88, True)
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg["settings"]["epochs"] == 2
+    (ext,) = cfg["extensions"]
+    assert (ext["at_step"], ext["epochs_before"], ext["epochs_after"]) == (44, 1, 2)
+    warmup = round(0.5 * 44)  # --warmup-epochs 0.5
+    assert ext["lr_after"] == pytest.approx(2e-3 * WarmupCosine(warmup, 88)(44))
+
+    # the same extension stopped one step in: the learning rate of the 2-epoch schedule
+    assert train("--resume", str(b), "--epochs", "2", "--stop-at-step", "45") == 0
+    state = torch.load(b / "checkpoint" / "state.pt", weights_only=True)
+    assert state["scheduler"]["_last_lr"][0] == pytest.approx(
+        2e-3 * WarmupCosine(warmup, 88)(45))
+    assert train("--resume", str(b)) == 0  # the run now has 2 epochs configured
+    assert_same_weights(weights(a), weights(b))
+    assert [r["train_loss"] for r in metrics(b)] == [r["train_loss"] for r in rows]
+    with pytest.raises(UsageError, match="already trained 2 epoch"):
+        train_raises("--resume", str(b), "--epochs", "2")
+
+
+def test_init_from_a_run_or_a_file(tmp_path, capsys):
+    from spatial_attention.apps.training.model import init_weights_from, resolve_init_source
+
+    src = tmp_path / "src"
+    assert train(*TINY, "--epochs", "1", "--ema", "0.9", "--out", str(src),
+                 "--stop-at-step", "2") == 0
+    ckpt = src / "checkpoint"
+    assert resolve_init_source(src) == ckpt / "ema.safetensors"  # EMA when kept
+    assert resolve_init_source(ckpt / "model.safetensors") == ckpt / "model.safetensors"
+    # a fresh model takes every tensor of the file
+    model = create_model("resnet10_cifar", width=8)
+    lines = init_weights_from(model, src)
+    assert lines == [f"--init-from: loaded 74 of 74 tensors from {ckpt / 'ema.safetensors'}"]
+    assert_same_weights(model.state_dict(), weights(src, "ema"))
+    # a torch file of a DataParallel model inside {"state_dict": ...}
+    pt = tmp_path / "w.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in weights(src).items()},
+                "epoch": 3}, pt)
+    model = create_model("resnet10_cifar", width=8)
+    init_weights_from(model, pt)
+    assert_same_weights(model.state_dict(), weights(src))
+    # keys the file lacks keep their initialisation and are named; shapes are strict
+    se = create_model("resnet10_cifar", width=8, attn_layer="se")
+    lines = init_weights_from(se, src)
+    assert "loaded 74 of 90" in lines[0]
+    assert lines[1].startswith("  not in the file, left as initialised: layer1.0.attn.")
+    with pytest.raises(UsageError, match=r"does not fit the model: shape mismatches: "
+                       r"stem\.0\.weight \(file \(8, 3, 3, 3\), model \(16, 3, 3, 3\)\)"):
+        init_weights_from(create_model("resnet10_cifar", width=16), src)
+
+    # the command: a new run starts from the weights, and says so in config.json
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert train(*TINY, "--epochs", "1", "--init-from", str(src), "--out", str(run),
+                 "--stop-at-step", "1") == 0
+    assert "--init-from: loaded 74 of 74 tensors" in capsys.readouterr().out
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["settings"]["init_from"] == str(src.resolve())
+    with pytest.raises(UsageError, match="--init-from starts a new run"):
+        train_raises("--resume", str(run), "--init-from", str(src))
+    assert train("--resume", str(run), "--stop-at-step", "2") == 0  # not read again
+    # refusals before anything is written
+    bad = tmp_path / "bad"
+    with pytest.raises(UsageError, match="--init-from .*nope does not exist"):
+        train_raises(*TINY, "--init-from", str(tmp_path / "nope"), "--out", str(bad))
+    with pytest.raises(UsageError, match="shape mismatches"):
+        train_raises(*TINY, "--model-arg", "width=16", "--init-from", str(src),
+                     "--out", str(bad))
+    assert not bad.exists()
+
+
+def test_pretrained_timm_weights_from_a_local_file(tmp_path, monkeypatch, capsys):
+    import _torchvision_shim  # noqa: F401  (before timm imports torchvision)
+    from safetensors.torch import save_file
+
+    timm = pytest.importorskip("timm")
+    from spatial_attention.apps.training import build_model
+
+    def no_network(*a, **k):
+        raise AssertionError("tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    source = timm.create_model("test_resnet", pretrained=False)  # 1000 classes
+    file = tmp_path / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, file)
+    lines: list[str] = []
+    model = build_model("timm:test_resnet", 10, pretrained=str(file), log=lines.append)
+    mine, theirs = model.state_dict(), source.state_dict()
+    assert mine["fc.weight"].shape == (10, mine["fc.weight"].shape[1])
+    for k in theirs:
+        if not k.startswith("fc."):
+            assert torch.equal(mine[k], theirs[k]), k
+    assert f"of timm:test_resnet from {file}" in lines[0]
+    assert lines[1] == "  not in the file, left as initialised: fc.weight, fc.bias"
+    # with a mechanism inside: its keys are named, the rest loads
+    lines.clear()
+    build_model("timm:test_resnet", 10, attn="se", pretrained=str(file), log=lines.append)
+    assert "layer1.0.se." in lines[1]
+    # shapes are strict, a missing file is clear, registered models use --init-from
+    bad = dict(theirs)
+    bad["conv1.0.weight"] = torch.zeros(2, 3, 3, 3)
+    save_file({k: v.contiguous() for k, v in bad.items()}, tmp_path / "bad.safetensors")
+    with pytest.raises(UsageError, match=r"shape mismatches: conv1\.0\.weight \(file \(2, 3, "):
+        build_model("timm:test_resnet", 10, pretrained=str(tmp_path / "bad.safetensors"))
+    with pytest.raises(UsageError, match="does not exist .*nothing is ever downloaded"):
+        build_model("timm:test_resnet", 10, pretrained=str(tmp_path / "none.safetensors"))
+    with pytest.raises(UsageError, match="--pretrained is for timm: models"):
+        train_raises(*TINY, "--pretrained", str(file), "--out", str(tmp_path / "x"))
+    # the command, resumed without the file (the checkpoint has the weights)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert train("--model", "timm:test_resnet", "--pretrained", str(file), "--img-size", "32",
+                 "--batch", "32", "--workers", "0", "--amp", "off", "--no-progress",
+                 "--overlays", "0", "--epochs", "1", "--out", str(run),
+                 "--stop-at-step", "1") == 0
+    assert "--pretrained: loaded" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["settings"]["pretrained"] == str(file)
+    file.unlink()
+    assert train("--resume", str(run), "--stop-at-step", "2") == 0
+
+
+def test_threads_option_in_the_torchrun_entry(capsys):
+    from spatial_attention.apps.training import main
+
+    assert main(["--threads", "0"]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err

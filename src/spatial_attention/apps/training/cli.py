@@ -34,6 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="extra model constructor argument, VALUE parsed as JSON when it can "
                    "be (repeatable), e.g. --model-arg width=16")
+    g.add_argument("--init-from", metavar="RUN_OR_FILE",
+                   help="start a new run from these weights: a run directory (its EMA "
+                   "weights if kept, else its model weights) or a .safetensors / torch "
+                   "file; shapes must match, keys the file lacks keep their initialisation "
+                   "(both reported by name)")
+    g.add_argument("--pretrained", metavar="FILE",
+                   help="timm: models only: a local weights file loaded by timm's "
+                   "pretrained loader (a classifier of another class count is dropped); "
+                   "nothing is downloaded")
     g = parser.add_argument_group("data")
     g.add_argument("--data", help="image folder, tar of one, or builtin:digits (default)")
     g.add_argument("--val", help="validation folder/tar (default: test.tar/val.tar beside a "
@@ -49,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="torch CPU threads for this process (default: torch's choice); "
                    "does not change the results' settings")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help=f"default {d['epochs']}")
+    g.add_argument("--epochs", type=int, help=f"default {d['epochs']}; with --resume, more "
+                   "than the run has done extends it (the schedule is recomputed for the "
+                   "new total from the run's step)")
     g.add_argument("--batch", type=int, help=f"global batch size, all ranks ({d['batch']})")
     g.add_argument("--opt", choices=tuple(_OPT_DEFAULTS), help="adamw (default) or sgd")
     g.add_argument("--lr", type=float, help="peak learning rate (adamw 2e-3, sgd 0.1)")
@@ -147,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return train(args)
+        return run(args)  # --threads applies here too
     except (UsageError, ValueError, FileNotFoundError) as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -2,7 +2,9 @@
 
 Every setting lives in :data:`DEFAULTS` under the key it has in ``config.json``; the
 command line overrides only what it names, so a resumed run keeps its own values and
-:func:`_resume_checks` refuses changes that would not continue it exactly.
+:func:`_resume_checks` refuses changes that would not continue it exactly. The one
+exception is ``--epochs``: a larger count extends the run (see :func:`_extension_check`
+and docs/training.md, "Extending a run").
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
     "sync_bn": False,
     "deterministic": False,
     "out": None,
+    "init_from": None,  # a run or weights file a new run starts from
+    "pretrained": None,  # a local weights file for a timm: model
     "stop_at_step": None,
     "progress": None,  # on when stderr is a terminal
     "overlays": 4,
@@ -62,9 +66,10 @@ def _explicit(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _absolute_paths(explicit: dict[str, Any]) -> dict[str, Any]:
-    """``--data``/``--val`` as absolute paths, so a run can be evaluated from anywhere."""
+    """``--data``/``--val`` (and the weights a run starts from) as absolute paths, so a
+    run can be evaluated from anywhere and says where its weights came from."""
     out = dict(explicit)
-    for key in ("data", "val"):
+    for key in ("data", "val", "init_from", "pretrained"):
         v = out.get(key)
         if isinstance(v, str) and not v.startswith("builtin:") and Path(v).expanduser().exists():
             out[key] = str(Path(v).expanduser().resolve())
@@ -158,9 +163,18 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _resume_checks(explicit: dict[str, Any], saved: dict[str, Any], run_dir: Path) -> None:
+    """Refuse settings that would make the resumed run another run (``--epochs`` aside:
+    :func:`_extension_check`), and weights to start from (the checkpoint has them)."""
+    for key in ("init_from", "pretrained"):
+        if key in explicit:
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(
+                f"{flag} starts a new run from weights; --resume {run_dir} continues from "
+                "its own checkpoint (drop one of them)"
+            )
     differ = []
     for k, v in explicit.items():
-        if k in _RESUME_FREE:
+        if k in _RESUME_FREE or k == "epochs":
             continue
         if saved.get(k) != v:
             differ.append(f"--{k.replace('_', '-')} {v!r} (the run has {saved.get(k)!r})")
@@ -169,3 +183,29 @@ def _resume_checks(explicit: dict[str, Any], saved: dict[str, Any], run_dir: Pat
             f"--resume {run_dir}: the run was made with other settings, and changing them "
             "would not continue it exactly: " + "; ".join(differ)
         )
+
+
+def _extension_check(epochs: int, saved_epochs: int, run_dir: Path) -> tuple[int, bool]:
+    """``--resume RUN --epochs N``: N must exceed the epochs the run has completed.
+
+    Returns ``(completed epochs, finished)`` read from the checkpoint (``(0, False)``
+    when there is none yet: the resume itself then says so). Any N above the completed
+    count is accepted, larger or smaller than the configured total: the schedule is
+    recomputed for N epochs and continues from the run's step (docs/training.md,
+    "Extending a run").
+    """
+    from .checkpoints import CHECKPOINT_DIR, load_state
+
+    state_path = run_dir / CHECKPOINT_DIR / "state.pt"
+    if not state_path.is_file():
+        return 0, False
+    state = load_state(state_path)
+    done, finished = int(state["epoch"]), bool(state["finished"])
+    if epochs <= done:
+        status = "finished" if finished else "stopped"
+        raise UsageError(
+            f"--epochs {epochs}: {run_dir} has already trained {done} epoch(s) ({status}, "
+            f"configured for {saved_epochs}); to train longer, give more than {done}, e.g. "
+            f"--epochs {max(done, saved_epochs) * 2}"
+        )
+    return done, finished

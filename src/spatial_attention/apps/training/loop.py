@@ -6,6 +6,8 @@
     spatial-attention train --model resnet18_cifar --attn se \\
         --data ../shared/data/cifar10/train.tar --epochs 30 --batch 128 --out runs/se18
     spatial-attention train --out runs/se18 --resume          # continue exactly
+    spatial-attention train --resume runs/se18 --epochs 60    # extend: 30 more epochs
+    spatial-attention train --init-from runs/se18 --data ...  # a new run from its weights
     torchrun --nproc-per-node 4 -m spatial_attention.train --data ... --batch 512
     spatial-attention evaluate runs/se18
 
@@ -19,7 +21,11 @@ the RNG states of every rank and the position in the epoch (epoch, batch). The s
 order of an epoch is a pure function of ``(seed, epoch)`` (DistributedSampler) and the
 crop/flip of a sample of ``(seed, epoch, sample)``, so a run stopped at any step (Ctrl-C,
 SIGTERM, ``--stop-at-step``) and resumed reaches the same weights as one that never
-stopped. Distributed runs go through ``torchrun``, which sets ``WORLD_SIZE``/``RANK``:
+stopped. ``--resume RUN --epochs N`` with N above the epochs done extends the run: the
+warm-up + cosine schedule is recomputed for N epochs and continues from the run's step
+(so the learning rate jumps from the old curve to the new one), the metrics rows are
+kept, and config.json records the change under ``extensions``. Distributed runs go
+through ``torchrun``, which sets ``WORLD_SIZE``/``RANK``:
 DistributedDataParallel, a DistributedSampler over the same global batch, logging and
 checkpoints on rank 0.
 
@@ -54,6 +60,7 @@ from .config import (
     _absolute_paths,
     _default_out,
     _explicit,
+    _extension_check,
     _parse_model_args,
     _read_config,
     _resolve,
@@ -278,12 +285,26 @@ def train(args: argparse.Namespace) -> int:
             run_dir = Path(resume)
         saved_run = _read_config(run_dir)
         _resume_checks(explicit, saved_run["settings"], run_dir)
-        cfg = _resolve({k: v for k, v in explicit.items() if k in _RESUME_FREE},
-                       saved_run["settings"])
+        if "epochs" in explicit:
+            _extension_check(explicit["epochs"], saved_run["settings"]["epochs"], run_dir)
+        free = {k: v for k, v in explicit.items() if k in _RESUME_FREE or k == "epochs"}
+        cfg = _resolve(free, saved_run["settings"])
         cfg["out"] = str(run_dir)
         cfg["stop_at_step"] = explicit.get("stop_at_step")  # never inherited
     else:
         cfg = _resolve(explicit)
+        # weights to start from: refused before anything is built or written
+        if cfg["init_from"]:
+            from .model import resolve_init_source
+
+            resolve_init_source(cfg["init_from"])
+        if cfg["pretrained"]:
+            if not str(cfg["model"]).startswith("timm:"):
+                raise UsageError(f"--pretrained is for timm: models; start {cfg['model']} "
+                                 "from weights with --init-from RUN_OR_FILE")
+            if not Path(cfg["pretrained"]).expanduser().is_file():
+                raise UsageError(f"--pretrained {cfg['pretrained']} does not exist (a local "
+                                 "weights file; nothing is ever downloaded)")
 
     ctx = _init_context(cfg["device"])
     try:
@@ -358,14 +379,22 @@ class _Trainer:
                 out = _agree(ctx, check)
             self.run_dir = Path(out)
             cfg["out"] = out
-        if ctx.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
 
         # model: identical initialisation on every rank, then per-rank RNG streams
         torch.manual_seed(cfg["seed"])
         model_args = _parse_model_args(cfg["model_arg"])
+        # weights to start from: a new run only (a resumed one has its checkpoint)
+        fresh = not self.resuming
         model = build_model(cfg["model"], self.num_classes, cfg["attn"], cfg["img_size"],
-                            model_args)
+                            model_args, pretrained=cfg["pretrained"] if fresh else None,
+                            log=self.log)
+        if fresh and cfg["init_from"]:
+            from .model import init_weights_from
+
+            for line in init_weights_from(model, cfg["init_from"]):
+                self.log(line)
+        if ctx.main:  # once the model is built: a refused one leaves no empty run
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.channels_last = bool(cfg["channels_last"])
         model = model.to(ctx.device)
         if self.channels_last:
@@ -427,6 +456,8 @@ class _Trainer:
         self.metrics_path = self.run_dir / "metrics.csv"
         self.rows: list[dict[str, Any]] = []
         self.bad_keys: list[int] = []
+        self.extensions: list[dict[str, Any]] = list((self.saved or {}).get("extensions", []))
+        self.extended: dict[str, Any] | None = None
         if self.resuming:
             self._load()
         self._write_config()
@@ -456,6 +487,8 @@ class _Trainer:
             "channels_last": self.channels_last,
             "versions": {"spatial_attention": __version__, "torch": torch.__version__},
         }
+        if self.extensions:
+            cfg["extensions"] = self.extensions
         _write_json(self.run_dir / "config.json", cfg)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -527,12 +560,34 @@ class _Trainer:
         self.epoch = state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.global_step = state["global_step"]
-        self.finished = state["finished"]
+        self.finished = state["finished"] and self.epoch >= self.cfg["epochs"]
+        self._reschedule()
         if self.ctx.main:
             self.sums = state["sums"].to(self.ctx.device)
             self.epoch_time = state["epoch_time"]
         self.rows = [r for r in _read_metrics(self.metrics_path)
                      if int(r["epoch"]) <= self.epoch]
+
+    def _reschedule(self) -> None:
+        """After loading: a run resumed with another ``--epochs`` gets the warm-up + cosine
+        schedule of the new total, continued from its step (the loaded scheduler state
+        carries the old total)."""
+        fn = self.sched.lr_lambdas[0]
+        total = self.cfg["epochs"] * self.steps_per_epoch
+        warmup = min(round(self.cfg["warmup_epochs"] * self.steps_per_epoch), total)
+        if (fn.total, fn.warmup) == (total, warmup):
+            return
+        old_epochs = fn.total // self.steps_per_epoch
+        before = self.sched.get_last_lr()[0]
+        fn.total, fn.warmup = total, warmup
+        step = self.sched.last_epoch  # == global_step: one scheduler step per optimizer step
+        for group, base in zip(self.opt.param_groups, self.sched.base_lrs, strict=True):
+            group["lr"] = base * fn(step)
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+        self.extended = {"at_step": self.global_step, "at_epoch": self.epoch,
+                         "epochs_before": old_epochs, "epochs_after": self.cfg["epochs"],
+                         "lr_before": before, "lr_after": self.sched.get_last_lr()[0]}
+        self.extensions.append(self.extended)
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> int:
@@ -555,6 +610,12 @@ class _Trainer:
             + f", {ctx.device}" + (f", {str(self.amp)[6:]}" if self.amp else "")
             + f" -> {self.run_dir}"
         )
+        if self.extended is not None:
+            e = self.extended
+            self.log(f"extending from {e['epochs_before']} to {e['epochs_after']} epochs at "
+                     f"step {e['at_step']}: the warm-up + cosine schedule is recomputed for "
+                     f"{e['epochs_after']} epochs from this step (lr {e['lr_before']:.3g} -> "
+                     f"{e['lr_after']:.3g})")
         for note in self.info.notes:
             self.log(f"note: {note}")
         if ctx.main and not self.resuming:
