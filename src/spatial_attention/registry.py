@@ -12,9 +12,12 @@ import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .checks import LAYOUTS
+
+if TYPE_CHECKING:  # the layers import this module to register themselves
+    from .layers.base import AttentionModule
 
 FAMILIES = (
     "channel",
@@ -182,11 +185,32 @@ def info(name: str) -> MechanismInfo:
         raise unknown_name_error("mechanism", str(name), sorted(_REGISTRY)) from None
 
 
-def create(name: str, *args: Any, **kwargs: Any):
-    """Build mechanism ``name`` with the given constructor arguments.
+def create(name: str, *args: Any, **kwargs: Any) -> AttentionModule:
+    """Build mechanism ``name`` (any case): ``name``'s class called with these arguments
+    and the defaults registered under the name (``scaled_dot_product`` is
+    ``dot_product`` with ``scaled=True``). Every mechanism is an
+    :class:`~spatial_attention.layers.base.AttentionModule`; ``info(name).cls`` is its
+    class, ``info(name).signature`` (``spatial-attention info NAME``) its arguments.
+
+    The first arguments follow the mechanism's layout (see ``LAYOUTS``):
+
+    * ``map`` ``(B, C, H, W)``: ``create(name, channels, ...)``; the module maps
+      ``(B, C, H, W)`` to the same shape (``sk``, deformable convolutions: ``out_channels``).
+    * ``tokens`` ``(B, H, W, C)``: ``create(name, dim, num_heads, ...)`` (``num_heads``
+      has a default in some); ``(B, H, W, C)`` in and out.
+    * ``sequence`` ``(B, N, C)``: ``multi_head(dim, num_heads)``, ``shared_workspace(dim)``
+      (``(B, N, C)`` in and out); ``dot_product()`` / ``scaled_dot_product()`` and
+      ``additive(query_dim, key_dim, hidden_dim)`` are called as
+      ``(queries, keys, values, valid_lens=None)``; ``rims(input_size)``.
+    * ``clip`` ``(B, T, C, H, W)``: ``create(name, channels, ...)``; the same shape out.
+
+    All take ``attn_impl`` (``"auto"`` fast path, ``"explicit"`` the paper's math). A
+    misspelt or missing argument is a TypeError naming the mechanism, the closest
+    argument and the signature; an invalid value a ValueError naming the mechanism.
 
     >>> import spatial_attention as sa
     >>> attn = sa.create("multi_head", 64, 4)
+    >>> se = sa.create("se", 64, reduction=8)
     """
     entry = info(name)
     try:
