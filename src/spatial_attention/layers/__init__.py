@@ -34,6 +34,7 @@ from .neighborhood import NeighborhoodAttention
 from .non_local import NonLocal2d
 from .polarized import PolarizedSelfAttention
 from .position import PositionEncodingGenerator, RelativePositionBias
+from .rims import RIMs
 from .scoring import AdditiveAttention, DotProductAttention, MultiHeadAttention
 from .sge import SpatialGroupEnhance
 from .shuffle_attention import ShuffleAttention
@@ -49,6 +50,7 @@ for _mod in _pkgutil.iter_modules(__path__):
         _importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = [
+    "RIMs",
     "MaxViTBlockAttention",
     "MaxViTGridAttention",
     "NeighborhoodAttention",
