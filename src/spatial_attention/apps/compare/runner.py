@@ -367,6 +367,16 @@ def train_run(
                         metadata={"mechanism": mechanism, "seed": str(seed)})
 
     slow.update(model, 1.0)
+    return finish_run(run_dir, model, mechanism, seed, p, data, mean, std, device, step,
+                      train_seconds)
+
+
+def finish_run(run_dir: Path, model: nn.Module, mechanism: str, seed: int, p: Any,
+               data: Cifar, mean: Tensor, std: Tensor, device: torch.device, step: int,
+               train_seconds: float) -> RunResult:
+    """Evaluate the final weights, measure cost, write ``result.json`` atomically (shared
+    by the CNN and the token protocols; ``p`` has ``tta``, ``batch_size``, ``epochs`` and
+    ``label_smoothing``)."""
     accuracy, infer_img_s = evaluate(model, data.test_x, data.test_y, mean, std, tta=p.tta)
     idx = torch.arange(min(p.batch_size, len(data.train_y)), device=device)
     peak = _peak_memory_mb(model, normalise(data.train_x[idx], mean, std),

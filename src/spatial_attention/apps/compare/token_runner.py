@@ -16,7 +16,6 @@ continues bit for bit; ``result.json`` is the CNN protocol's :class:`~.runner.Ru
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -38,14 +37,11 @@ from ..training.checkpoints import (
 )
 from .data import Cifar, augment, epoch_batches, flip_mask, normalise
 from .runner import (
-    RESULT_NAME,
     TTA_MODES,
     RunResult,
-    _peak_memory_mb,
     _stats,
     _sync,
-    count_macs,
-    evaluate,
+    finish_run,
     read_result,
 )
 from .token_net import TokenNet
@@ -217,20 +213,5 @@ def train_token_run(
         save_checkpoint(ckpt, model.state_dict(), state,
                         metadata={"mechanism": entry, "seed": str(seed)})
 
-    accuracy, infer_img_s = evaluate(model, data.test_x, data.test_y, mean, std, tta=p.tta)
-    idx = torch.arange(min(p.batch_size, len(data.train_y)), device=device)
-    peak = _peak_memory_mb(model, normalise(data.train_x[idx], mean, std),
-                           data.train_y[idx], p.label_smoothing)
-    result = RunResult(
-        mechanism=entry, seed=seed, accuracy=accuracy,
-        train_seconds=train_seconds, epochs=p.epochs,
-        params=sum(q.numel() for q in model.parameters()),
-        macs=count_macs(model, device),
-        train_img_s=step * p.batch_size / max(train_seconds, 1e-9),
-        infer_img_s=infer_img_s, peak_mem_mb=peak, device=str(device),
-        threads=torch.get_num_threads(),
-    )
-    tmp = run_dir / (RESULT_NAME + ".tmp")
-    tmp.write_text(json.dumps(result.to_row(), indent=1))
-    tmp.replace(run_dir / RESULT_NAME)
-    return result
+    return finish_run(run_dir, model, entry, seed, p, data, mean, std, device, step,
+                      train_seconds)
