@@ -109,7 +109,7 @@ def write_gallery(bench: str | Path, out: str | Path, *, mode: str = "attention"
                 ax.set_title(mech, fontsize=7)
     for row, (label, image) in enumerate(images):
         axes[row, 0].imshow(image)
-        axes[row, 0].set_title(label if row == 0 else "", fontsize=7)
+        axes[row, 0].set_title("test image" if row == 0 else "", fontsize=7)
         axes[row, 0].set_ylabel(label, fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
@@ -117,8 +117,11 @@ def write_gallery(bench: str | Path, out: str | Path, *, mode: str = "attention"
     fig.colorbar(mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0, 1), cmap=cmap),
                  ax=list(axes[:, 1:].flat), shrink=0.6, label="normalised per panel")
     caption = CAPTIONS[mode].format(fusion="mean", discard=0)
-    fig.supxlabel(f"{caption}; each mechanism's stage maps averaged; under each panel: the "
-                  "predicted class", fontsize=7)
+    import textwrap
+
+    text = (f"{caption}; each mechanism's stage maps averaged; under each panel: the "
+            "predicted class")
+    fig.supxlabel(textwrap.fill(text, width=int(18 * (len(runs) + 1))), fontsize=7)
     png = viz._save_figure(fig, out / "gallery.png", dpi=130)
     protocol = json.loads((bench / "protocol.json").read_text()) if (
         bench / "protocol.json").is_file() else {}
