@@ -45,13 +45,12 @@ from .common import load_pretrained as _load
 from .features import (
     GradCheckpointing,
     Indices,
-    check_output_fmt,
     checkpointing_now,
     factory_kwargs,
     feature_info,
     feature_take_indices,
     run_blocks,
-    to_fmt,
+    stage_intermediates,
 )
 
 __all__ = ["BiFormer", "BiFormerBlock", "GlobalAttentionLCE", "load_pretrained"]
@@ -199,19 +198,8 @@ class BiFormer(GradCheckpointing, nn.Module):
         ``norm`` applies the final BatchNorm to the last stage only, ``stop_early`` skips
         the stages after the last level taken. Returns the list, or ``(final map, list)``."""
         self._check(x)
-        check_output_fmt(output_fmt, "biformer")
-        n = self.num_stages
-        take, last = feature_take_indices(n, indices, "biformer")
-        run = last + 1 if stop_early else n
-        out = []
-        for i in range(run):
-            x = self._stage(i, x)
-            if i in take:
-                y = self.norm(x) if norm and i == 3 else x
-                out.append(to_fmt(y, output_fmt, channels_last=False))
-        if intermediates_only:
-            return out
-        return (self.norm(x) if run == 4 else x), out
+        return stage_intermediates(self, x, indices, norm, stop_early, output_fmt,
+                                   intermediates_only, "biformer", channels_last=False)
 
     def prune_intermediate_layers(
         self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True

@@ -63,13 +63,12 @@ from .common import load_pretrained as _load
 from .features import (
     GradCheckpointing,
     Indices,
-    check_output_fmt,
     checkpointing_now,
     factory_kwargs,
     feature_info,
     feature_take_indices,
     run_blocks,
-    to_fmt,
+    stage_intermediates,
 )
 
 __all__ = ["CSWinBlock", "MergeBlock", "CSWinTransformer", "load_pretrained"]
@@ -238,19 +237,8 @@ class CSWinTransformer(GradCheckpointing, nn.Module):
         skips the stages after the last level taken. Returns the list, or ``(final tokens
         (B, h, w, C), list)``."""
         self._check(x)
-        check_output_fmt(output_fmt, "cswin")
-        n = self.num_stages
-        take, last = feature_take_indices(n, indices, "cswin")
-        run = last + 1 if stop_early else n
-        out = []
-        for i in range(run):
-            x = self._stage(i, x)
-            if i in take:
-                y = self.norm(x) if norm and i == 3 else x
-                out.append(to_fmt(y, output_fmt, channels_last=True))
-        if intermediates_only:
-            return out
-        return (self.norm(x) if run == 4 else x), out
+        return stage_intermediates(self, x, indices, norm, stop_early, output_fmt,
+                                   intermediates_only, "cswin", channels_last=True)
 
     def prune_intermediate_layers(
         self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True

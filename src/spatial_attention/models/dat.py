@@ -54,13 +54,12 @@ from .common import load_pretrained as _load
 from .features import (
     GradCheckpointing,
     Indices,
-    check_output_fmt,
     checkpointing_now,
     factory_kwargs,
     feature_info,
     feature_take_indices,
     run_blocks,
-    to_fmt,
+    stage_intermediates,
 )
 
 __all__ = ["DATBlock", "DAT", "convert_official_dat", "load_pretrained"]
@@ -188,19 +187,9 @@ class DAT(GradCheckpointing, nn.Module):
         final norm on the last stage only, with ``norm``); ``stop_early`` skips the stages
         after the last level taken. Returns the list, or ``(final tokens, list)``."""
         self._check(x)
-        check_output_fmt(output_fmt, "dat")
-        n = len(self.stages)
-        take, last = feature_take_indices(n, indices, "dat")
-        run = last + 1 if stop_early else n
-        out = []
-        for i in range(run):
-            x = self._stage(i, x)
-            if i in take:
-                y = self.norm(x) if norm and i == n - 1 else x
-                out.append(to_fmt(y, output_fmt, channels_last=True))
-        if intermediates_only:
-            return out
-        return (self.norm(x) if run == n else x), out
+        return stage_intermediates(self, x, indices, norm, stop_early, output_fmt,
+                                   intermediates_only, "dat", channels_last=True,
+                                   num_stages=len(self.stages))
 
     def prune_intermediate_layers(
         self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True

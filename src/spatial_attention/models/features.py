@@ -51,6 +51,7 @@ __all__ = [
     "feature_info",
     "feature_take_indices",
     "run_blocks",
+    "stage_intermediates",
     "to_fmt",
 ]
 
@@ -120,6 +121,27 @@ def to_fmt(x: Tensor, output_fmt: str, channels_last: bool) -> Tensor:
     if channels_last == (output_fmt == "NHWC"):
         return x
     return (x.permute(0, 3, 1, 2) if channels_last else x.permute(0, 2, 3, 1)).contiguous()
+
+
+def stage_intermediates(model: nn.Module, x: Tensor, indices: Indices, norm: bool,
+                        stop_early: bool, output_fmt: str, intermediates_only: bool,
+                        name: str, channels_last: bool, num_stages: int | None = None):
+    """timm's ``forward_intermediates`` for a model with ``_stage(i, x)`` and a final
+    ``norm`` applied to the last stage only; ``channels_last`` is the stages' layout,
+    ``num_stages`` defaults to ``model.num_stages``."""
+    check_output_fmt(output_fmt, name)
+    n = model.num_stages if num_stages is None else num_stages
+    take, last = feature_take_indices(n, indices, name)
+    run = last + 1 if stop_early else n
+    out = []
+    for i in range(run):
+        x = model._stage(i, x)
+        if i in take:
+            y = model.norm(x) if norm and i == n - 1 else x
+            out.append(to_fmt(y, output_fmt, channels_last=channels_last))
+    if intermediates_only:
+        return out
+    return (model.norm(x) if run == n else x), out
 
 
 def checkpointing_now(module: nn.Module) -> bool:

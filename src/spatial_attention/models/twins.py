@@ -55,13 +55,12 @@ from .common import load_pretrained as _load
 from .features import (
     GradCheckpointing,
     Indices,
-    check_output_fmt,
     checkpointing_now,
     factory_kwargs,
     feature_info,
     feature_take_indices,
     run_blocks,
-    to_fmt,
+    stage_intermediates,
 )
 
 __all__ = ["TwinsBlock", "Twins", "load_pretrained"]
@@ -189,19 +188,9 @@ class Twins(GradCheckpointing, nn.Module):
         (with ``norm``); ``stop_early`` skips the stages after the last level taken.
         Returns the list, or ``(final tokens (B, h, w, C), list)``."""
         self._check(x)
-        check_output_fmt(output_fmt, "twins")
-        n = len(self.blocks)
-        take, last = feature_take_indices(n, indices, "twins")
-        run = last + 1 if stop_early else n
-        out = []
-        for i in range(run):
-            x = self._stage(i, x)
-            if i in take:
-                y = self.norm(x) if norm and i == n - 1 else x
-                out.append(to_fmt(y, output_fmt, channels_last=True))
-        if intermediates_only:
-            return out
-        return (self.norm(x) if run == n else x), out
+        return stage_intermediates(self, x, indices, norm, stop_early, output_fmt,
+                                   intermediates_only, "twins", channels_last=True,
+                                   num_stages=len(self.blocks))
 
     def prune_intermediate_layers(
         self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True
