@@ -105,10 +105,9 @@ class TokenProtocol:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-#: CPU: 2 epochs of the default network, so one ``global`` run (training and evaluation)
-#: stays within ~20 min on two quiet cores: estimated ~95 training images/s there, from
-#: 19 img/s measured at load ~8.6 on this 2-core machine; GPU: the same network, a longer
-#: schedule (no other change, as for the CNN presets)
+#: CPU: 2 epochs of the default network, chosen so one ``global`` run fits the issue's
+#: 20-minute budget (the estimate and its measurement: benchmarks/compare/README.md);
+#: GPU: the same network, a longer schedule (no other change, as for the CNN presets)
 TOKEN_PRESETS = {
     "cpu": TokenProtocol(),
     "gpu": TokenProtocol(epochs=40, batch_size=512),
