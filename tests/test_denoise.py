@@ -280,3 +280,58 @@ def test_grey_patches_get_one_shared_noise_field():
         for i in (1, 3):
             assert torch.equal(noisy[i], noisy[i, :1].expand(3, 8, 8))
         assert not torch.equal(noisy[0, 0], noisy[0, 1])  # colour keeps its own fields
+
+
+def test_blind_poisson_gaussian_draws_levels_per_patch():
+    from spatial_attention.apps.denoise.train import TRAIN_DEFAULTS, _noisy
+
+    # three slightly different channels: colour patches, each with its own noise field
+    clean = torch.tensor([0.49, 0.5, 0.51]).view(1, 3, 1, 1).expand(64, 3, 32, 32)
+    cfg = {**TRAIN_DEFAULTS, "noise": "poisson_gaussian"}
+    g = torch.Generator().manual_seed(0)
+    fixed = (_noisy(cfg, clean, g) - clean).flatten(1).std(1)
+    # one level for all: every patch's std is sqrt(a x + b^2) = sqrt(0.005 + 0.0004)
+    torch.testing.assert_close(fixed, torch.full_like(fixed, 0.0054 ** 0.5), rtol=0.1, atol=0)
+    blind = {**cfg, "shot_range": [1e-3, 3e-2], "read_range": [2e-3, 4e-2]}
+    std = (_noisy(blind, clean, g) - clean).flatten(1).std(1)
+    lo, hi = (1e-3 * 0.5 + 2e-3 ** 2) ** 0.5, (3e-2 * 0.5 + 4e-2 ** 2) ** 0.5
+    assert float(std.min()) > 0.8 * lo and float(std.max()) < 1.2 * hi
+    assert float(std.max() / std.min()) > 2  # levels really vary from patch to patch
+
+
+@pytest.mark.parametrize("bad", [{"shot_range": [0.0, 0.1]}, {"read_range": [0.2, 0.1]},
+                                 {"shot": 0.0}, {"init_from": "/no/such/weights"}])
+def test_bad_training_noise_settings_are_refused_before_anything_runs(tmp_path, bad):
+    with pytest.raises(UsageError, match="shot|read|init-from"):
+        train_denoiser({"model": "nbnet_small", "noise": "poisson_gaussian", "steps": 1,
+                        "out": str(tmp_path / "r"), **bad}, log=lambda m: 0)
+    assert not (tmp_path / "r").exists()
+
+
+@needs_builtin
+def test_init_from_starts_at_the_given_weights_and_names_a_wrong_key_set(tmp_path):
+    from safetensors.torch import save_file
+
+    from spatial_attention.checkpoint import read_weights
+
+    args = {"width": 4, "skip_mid": 8}
+    cfg = dict(model="nbnet_small", model_args=args, patch=32, batch=2, eval_size=32,
+               max_images=1, threads=1, eval_every=1, noise="poisson_gaussian")
+    torch.manual_seed(7)
+    start = create_model("nbnet_small", **args).state_dict()
+    save_file(start, str(tmp_path / "start.safetensors"))
+    # lr 0: the run's weights stay exactly what it was initialised from
+    run = train_denoiser({**cfg, "steps": 1, "lr": 0.0, "out": str(tmp_path / "a"),
+                          "init_from": str(tmp_path / "start.safetensors")}, log=lambda m: 0)
+    got = read_weights(run / "checkpoint/model.safetensors")
+    for k, v in start.items():
+        assert torch.equal(got[k], v), k
+    # a run directory works too (its checkpoint is read)
+    train_denoiser({**cfg, "steps": 1, "out": str(tmp_path / "b"), "init_from": str(run)},
+                   log=lambda m: 0)
+    wrong = dict(start)
+    wrong["extra.weight"] = wrong.pop(next(iter(wrong)))
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(UsageError, match="extra.weight"):
+        train_denoiser({**cfg, "steps": 1, "out": str(tmp_path / "c"),
+                        "init_from": str(tmp_path / "wrong.safetensors")}, log=lambda m: 0)

@@ -164,6 +164,9 @@ def test_denoise_command_on_a_colour_image(capsys, tmp_path):
     (["--noise", "poisson_gaussian"], "no shipped weights for poisson_gaussian noise yet"),
     (["--model", "nbnet_small"], "the shipped gaussian denoiser is nbnet_medium; --model "
                                  "nbnet_small needs --weights"),
+    (["--sigma", "25", "--shot", "0.01"], "two synthetic tests: give one"),
+    (["--read", "0.02"], "--read needs --shot"),
+    (["--shot", "-1"], "--shot must be > 0"),
 ])
 def test_denoise_command_refusals_are_one_line(capsys, tmp_path, extra, message):
     from PIL import Image

@@ -59,6 +59,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="blind training: draw each patch's level uniformly in [LO, HI]")
     parser.add_argument("--shot", type=float, help=f"Poisson-Gaussian a ({d['shot']})")
     parser.add_argument("--read", type=float, help=f"Poisson-Gaussian b ({d['read']})")
+    parser.add_argument("--shot-range", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="blind Poisson-Gaussian training: draw each patch's a "
+                        "log-uniformly in [LO, HI] (--shot stays the validation level)")
+    parser.add_argument("--read-range", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="the same for b (--read stays the validation level)")
+    parser.add_argument("--init-from", metavar="RUN_OR_FILE",
+                        help="start from these weights (a train-denoiser run or a "
+                        ".safetensors file of the same model): fine-tuning")
     parser.add_argument("--patch", type=int, help=f"crop size ({d['patch']}; official 128)")
     parser.add_argument("--batch", type=int, help=f"batch size ({d['batch']}; official 32)")
     parser.add_argument("--steps", type=int, help=f"optimizer steps ({d['steps']})")
@@ -184,8 +192,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a synthetic test: add Gaussian noise of this level (0..255) to "
                         "IN first, and report PSNR/SSIM before and after against the clean "
                         "IN; it does not tell the (blind) denoiser the level")
-    parser.add_argument("--noisy-out", help="also write the noisy input here (with --sigma)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed for --sigma")
+    parser.add_argument("--shot", type=float, metavar="A",
+                        help="a synthetic Poisson-Gaussian test instead: add "
+                        "A * Poisson(IN / A) + B n to IN first (see --read) and report "
+                        "PSNR/SSIM before and after")
+    parser.add_argument("--read", type=float, metavar="B",
+                        help="with --shot: the Gaussian read-noise std B in [0, 1] units "
+                        "(default 0.02)")
+    parser.add_argument("--noisy-out", help="also write the noisy input here (with --sigma "
+                        "or --shot)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed for --sigma/--shot")
     parser.add_argument("--tile", type=int, default=256, help="tile size (default 256)")
     parser.add_argument("--overlap", type=int, default=32, help="tile overlap (default 32)")
     parser.add_argument("--batch", type=int, default=4, help="tiles per forward (default 4)")
@@ -221,6 +237,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if args.sigma is not None and not args.sigma > 0:
         raise UsageError(f"--sigma must be positive, got {args.sigma}")
+    if args.sigma is not None and args.shot is not None:
+        raise UsageError("--sigma (Gaussian) and --shot (Poisson-Gaussian) are two synthetic "
+                         "tests: give one")
+    if args.read is not None and args.shot is None:
+        raise UsageError("--read needs --shot (the Poisson-Gaussian test)")
+    read = 0.02 if args.read is None else args.read
+    if args.shot is not None and (not args.shot > 0 or not read >= 0):
+        raise UsageError(f"--shot must be > 0 and --read >= 0, got {args.shot}, {read}")
+    test = ("gaussian" if args.sigma is not None
+            else "poisson_gaussian" if args.shot is not None else None)
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
@@ -231,10 +257,11 @@ def run(args: argparse.Namespace) -> int:
     model = _load_model(args).to(torch.device(args.device))
     clean = _to_tensor(image[..., :1] if grey else image).to(args.device)
     noisy = clean
-    if args.sigma is not None:
+    if test is not None:
         g = torch.Generator().manual_seed(args.seed)
         # a grey image's noise is one field, the same in the 3 channels the model sees
-        noisy = add_noise(clean.cpu(), "gaussian", args.sigma, generator=g).to(args.device)
+        noisy = add_noise(clean.cpu(), test, sigma=args.sigma or 0.0,
+                          shot=args.shot or 1.0, read=read, generator=g).to(args.device)
         if args.noisy_out:
             _write_image(Path(args.noisy_out).expanduser(), _to_image(noisy.cpu()))
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
@@ -249,10 +276,12 @@ def run(args: argparse.Namespace) -> int:
     H, W = image.shape[:2]
     msg = (f"wrote {out} ({W}x{H}{' grey' if grey else ''}, {seconds:.2f} s, "
            f"{H * W / 1e6 / seconds:.3f} MP/s)")
-    if args.sigma is not None:
+    if test is not None:
         q = (result.cpu().clamp(0, 1) * 255).round()[None] / 255  # what the file holds
         ref, nz = clean.cpu()[None], noisy.cpu()[None].clamp(0, 1)
-        msg += (f"; sigma {args.sigma:g}: PSNR {float(psnr(nz, ref)):.2f} -> "
+        level = (f"sigma {args.sigma:g}" if test == "gaussian"
+                 else f"Poisson-Gaussian a={args.shot:g} b={read:g}")
+        msg += (f"; {level}: PSNR {float(psnr(nz, ref)):.2f} -> "
                 f"{float(psnr(q, ref)):.2f} dB, SSIM {float(ssim(nz, ref)):.4f} -> "
                 f"{float(ssim(q, ref)):.4f}")
     print(msg)

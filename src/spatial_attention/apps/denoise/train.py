@@ -152,6 +152,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "grey_shared_noise": True,
     "shot": 0.01,
     "read": 0.02,
+    "shot_range": None,
+    "read_range": None,
+    "init_from": None,
     "patch": 64,
     "batch": 8,
     "steps": 2000,
@@ -183,12 +186,23 @@ def _sigmas(cfg: dict[str, Any], batch: int, g: torch.Generator) -> Tensor:
     return levels[torch.randint(len(levels), (batch,), generator=g)]
 
 
+def _log_uniform(rng: Sequence[float] | None, fixed: float, batch: int,
+                 g: torch.Generator) -> Tensor | float:
+    """One level per patch, log-uniform in ``rng`` (blind training), else ``fixed``."""
+    if not rng:
+        return fixed
+    lo, hi = math.log(rng[0]), math.log(rng[1])
+    return torch.exp(lo + (hi - lo) * torch.rand(batch, generator=g))
+
+
 def _noisy(cfg: dict[str, Any], clean: Tensor, g: torch.Generator) -> Tensor:
     if cfg["noise"] == "gaussian":
         noisy = add_noise(clean, "gaussian", _sigmas(cfg, clean.shape[0], g), generator=g)
-    else:
-        noisy = add_noise(clean, "poisson_gaussian", shot=cfg["shot"], read=cfg["read"],
-                          generator=g)
+    else:  # blind over the ranges when given: shot and read drawn per patch
+        B = clean.shape[0]
+        shot = _log_uniform(cfg.get("shot_range"), cfg["shot"], B, g)
+        read = _log_uniform(cfg.get("read_range"), cfg["read"], B, g)
+        noisy = add_noise(clean, "poisson_gaussian", shot=shot, read=read, generator=g)
     if cfg.get("grey_shared_noise", True):
         noisy = share_grey_noise(clean, noisy)
     return noisy
@@ -219,7 +233,8 @@ def _val_set(cfg: dict[str, Any]) -> tuple[Tensor, Tensor]:
     noisy = []
     for i in range(len(cfg["sigma"]) if cfg["noise"] == "gaussian" else 1):
         sub = ({**cfg, "sigma": [cfg["sigma"][i]], "sigma_range": None}
-               if cfg["noise"] == "gaussian" else cfg)
+               if cfg["noise"] == "gaussian"
+               else {**cfg, "shot_range": None, "read_range": None})
         noisy.append(_noisy(sub, clean_t, g))
     return torch.cat(noisy), clean_t.repeat(len(noisy), 1, 1, 1)
 
@@ -276,6 +291,17 @@ def _check_cfg(cfg: dict[str, Any]) -> None:
     rng = cfg.get("sigma_range")
     if rng is not None and (len(rng) != 2 or not 0 <= rng[0] < rng[1]):
         raise UsageError(f"--sigma-range must be two levels 0 <= LO < HI, got {rng}")
+    if not cfg["shot"] > 0 or not cfg["read"] >= 0:
+        raise UsageError(f"--shot must be > 0 and --read >= 0, got {cfg['shot']}, "
+                         f"{cfg['read']}")
+    for key in ("shot_range", "read_range"):
+        rng = cfg.get(key)
+        if rng is not None and (len(rng) != 2 or not 0 < rng[0] <= rng[1]):
+            raise UsageError(f"--{key.replace('_', '-')} must be two values 0 < LO <= HI "
+                             f"(drawn log-uniformly), got {rng}")
+    init = cfg.get("init_from")
+    if init is not None and not Path(init).exists():
+        raise UsageError(f"--init-from {init}: no such file or run directory")
 
 
 def train_denoiser(cfg: dict[str, Any], resume: str | os.PathLike | None = None,
@@ -338,6 +364,23 @@ def _run_config(run_dir: Path, what: str) -> dict[str, Any]:
     return cfg
 
 
+def _init_weights(source: str | os.PathLike, model: nn.Module) -> dict[str, Tensor]:
+    """The state dict for ``--init-from``: a weights file, or a train-denoiser run (its
+    checkpoint); a key set that does not fit ``model`` is reported by name."""
+    from ...checkpoint import check_state_dict, read_weights
+    from ..training.checkpoints import CHECKPOINT_DIR
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / CHECKPOINT_DIR / "model.safetensors"
+        if not path.is_file():
+            raise UsageError(f"--init-from {source}: no checkpoint in this directory "
+                             "(expected a train-denoiser run)")
+    state = {k: v.float() for k, v in read_weights(path).items()}
+    check_state_dict(model.state_dict(), state, f"--init-from {source}")
+    return state
+
+
 def _train(cfg: dict[str, Any], resume: str | os.PathLike | None,
            log: Callable[[str], None]) -> Path:
     from tqdm import tqdm
@@ -385,6 +428,9 @@ def _train(cfg: dict[str, Any], resume: str | os.PathLike | None,
         step = int(st["step"])
         rows = [r for r in _read_rows(metrics_path) if int(r["step"]) <= step]
         log(f"resumed {run_dir} at step {step}")
+    elif cfg.get("init_from"):  # fine-tuning: start from another run's (or file's) weights
+        model.load_state_dict(_init_weights(cfg["init_from"], model))
+        log(f"initialised from {cfg['init_from']}")
     (run_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
     progress = cfg["progress"] if cfg["progress"] is not None else sys.stderr.isatty()
