@@ -410,3 +410,46 @@ def test_token_backbone_init_does_not_depend_on_the_mixer():
     shared = [k for k in base if ".mixer." not in k]
     assert shared and all(torch.equal(base[k], other[k]) for k in shared)
     assert TokenNet("global", **kw)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_timing_pass_is_interleaved_and_feeds_the_summary(fake_cifar, tmp_path, monkeypatch):
+    from spatial_attention.apps.compare import timing
+
+    out = tmp_path / "out"
+    base = ["se", "--seeds", "1", "--data", str(fake_cifar), "--out", str(out), *TINY]
+    assert cli.run(_args(*base)) == 0
+    order = []
+    real = timing.evaluate
+
+    def spy(model, *a, **k):  # which entry each evaluation of the pass belonged to
+        order.append(id(model))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(timing, "evaluate", spy)
+    assert cli.run(_args(*base, "--timing", "--timing-rounds", "2")) == 0
+    assert len(order) == 4 and order[0] != order[1] and order[:2] == order[2:]  # A B A B
+    rows = {r["mechanism"]: r for r in _rows(out / "timing.csv")}
+    assert sorted(rows) == ["none", "se"]
+    assert float(rows["none"]["train_vs_baseline"]) == 1.0
+    for r in rows.values():
+        assert float(r["train_img_s"]) > 0 and float(r["infer_img_s"]) > 0
+        assert r["rounds"] == "2" and r["threads"] == "1"
+    # the summary's img/s are the pass's, and the table says where they come from
+    summary = {r["mechanism"]: r for r in _rows(out / "summary.csv")}
+    for name in rows:
+        assert float(summary[name]["train_img_s"]) == pytest.approx(
+            float(rows[name]["train_img_s"]))
+    assert "separate timing pass" in (out / "summary.md").read_text()
+    assert _rows(out / "results.csv")[0]["seed"] == "0"  # the runs themselves untouched
+    with pytest.raises(UsageError, match="--timing-rounds must be positive"):
+        cli.run(_args(*base, "--timing", "--timing-rounds", "0"))
+
+
+def test_token_timing_pass(fake_cifar, tmp_path, tiny_token_preset):
+    out = tmp_path / "tok"
+    assert cli.run(_args("--tokens", "swin", "--data", str(fake_cifar), "--out", str(out),
+                         *TINY_TOKENS, "--timing", "--timing-rounds", "1")) == 0
+    rows = {r["mechanism"]: r for r in _rows(out / "timing.csv")}
+    assert sorted(rows) == ["global", "swin"]  # the token baseline is timed with them
+    assert float(rows["global"]["infer_vs_baseline"]) == 1.0
+    assert not (out / "results.csv").exists()  # no run was trained

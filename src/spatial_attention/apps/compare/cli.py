@@ -35,6 +35,7 @@ from ...errors import UsageError
 from .data import check_data, load_cifar
 from .runner import PRESETS, TTA_MODES, Protocol, RunResult, read_result, steps_of, train_run
 from .stats import SUMMARY_FIELDS, markdown, plot, summarise
+from .timing import TIMING_FIELDS, TIMING_NAME, read_timing, timing_note, timing_pass
 from .token_runner import TOKEN_PRESETS, TokenProtocol, train_token_run
 
 __all__ = ["add_arguments", "run", "select_mechanisms", "protocol_from_args", "RESULT_FIELDS"]
@@ -93,6 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "flip or none")
     parser.add_argument("--threads", type=int, metavar="T",
                         help="torch CPU threads (default: torch's)")
+    parser.add_argument("--timing", action="store_true",
+                        help="instead of training: a short timing pass of the same entries "
+                        "(built at once, timed interleaved round by round) into "
+                        "<out>/timing.csv; the summary's img/s then come from it")
+    parser.add_argument("--timing-rounds", type=int, default=3, metavar="R",
+                        help="rounds of the timing pass (default 3; the best one is kept)")
     # tests stop a queue mid-run to check that resuming is exact
     parser.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)
 
@@ -328,6 +335,14 @@ def write_reports(out: Path, protocol: Protocol | TokenProtocol, device: str,
                  "16x16 token grid of a 32x32 input and the 56x56 grid of a 224x224 one."]
         notes += [f"- skipped: {name}: {why}"
                   for name, why in sorted(_read_json(out / SKIPPED_NAME).items())]
+    timing = read_timing(out)
+    if timing:  # throughput from the interleaved timing pass, not from the loaded runs
+        for r in summary:
+            t = timing.get(r["mechanism"])
+            if t is not None:
+                r["train_img_s"], r["infer_img_s"] = (float(t["train_img_s"]),
+                                                      float(t["infer_img_s"]))
+        notes = [*notes, timing_note(timing)]
     write_csv_rows(out / "summary.csv", summary, fields)
     (out / "summary.md").write_text(markdown(summary, protocol.describe(), device, n_test,
                                              protocol.tta, baseline, extra, notes))
@@ -341,10 +356,37 @@ def write_reports(out: Path, protocol: Protocol | TokenProtocol, device: str,
     return summary
 
 
+def _run_timing(out: Path, entries: list[str], protocol: Protocol | TokenProtocol,
+                data: Any, device: torch.device, rounds: int) -> int:
+    from ..training.reporting import write_csv_rows
+
+    baseline = TOKEN_BASELINE if isinstance(protocol, TokenProtocol) else BASELINE
+    print(f"compare --timing: {len(entries)} entries, {rounds} interleaved rounds, "
+          f"{torch.get_num_threads()} thread(s) on {device}")
+    rows = timing_pass(entries, protocol, data, device, baseline, rounds=rounds)
+    old = {k: v for k, v in read_timing(out).items() if k not in entries}
+    if old and baseline not in entries:
+        print(f"compare --timing: {TIMING_NAME} keeps earlier rows of "
+              f"{', '.join(sorted(old))}; their ratios come from another pass")
+    write_csv_rows(out / TIMING_NAME, [*old.values(), *rows], TIMING_FIELDS)
+    for r in rows:
+        ratio = (f" ({float(r['train_vs_baseline']):.2f}x / "
+                 f"{float(r['infer_vs_baseline']):.2f}x {baseline})"
+                 if r["train_vs_baseline"] != "" else "")
+        print(f"  {r['mechanism']}: train {r['train_img_s']:.0f} img/s, infer "
+              f"{r['infer_img_s']:.0f} img/s{ratio}")
+    if collect_rows(out):
+        write_reports(out, protocol, str(device), len(data.test_y))
+    print(f"compare --timing: wrote {out / TIMING_NAME}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.seeds < 1:
         raise UsageError(f"--seeds must be positive, got {args.seeds}")
+    if args.timing_rounds < 1:
+        raise UsageError(f"--timing-rounds must be positive, got {args.timing_rounds}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be positive, got {args.threads}")
     tokens = getattr(args, "tokens", None) is not None
@@ -376,6 +418,8 @@ def run(args: argparse.Namespace) -> int:
         _token_flops(out, mechanisms, protocol)
     data = load_cifar(data_root, out / "cache")
     data = data.subset(protocol.train_subset, protocol.test_subset).to(device)
+    if args.timing:
+        return _run_timing(out, mechanisms, protocol, data, device, args.timing_rounds)
 
     from tqdm import tqdm
 
