@@ -177,3 +177,29 @@ def test_denoise_command_refusals_are_one_line(capsys, tmp_path, extra, message)
                            *extra)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+@needs_camera
+def test_export_weights_writes_what_load_default_reads(monkeypatch, tmp_path):
+    from safetensors import safe_open
+
+    from spatial_attention.apps.denoise import train_denoiser
+    from spatial_attention.checkpoint import read_weights
+
+    run = train_denoiser({"model": "nbnet_small", "model_args": {"width": 4, "skip_mid": 8},
+                          "noise": "poisson_gaussian", "steps": 1, "eval_every": 1,
+                          "patch": 32, "batch": 2, "eval_size": 32, "max_images": 1,
+                          "threads": 1, "out": str(tmp_path / "run")}, log=lambda m: 0)
+    with pytest.raises(UsageError, match="not 'gaussian'"):
+        default_mod.export_weights(run, "gaussian", tmp_path / "x.safetensors")
+    path = default_mod.export_weights(run, "poisson_gaussian", tmp_path / "w.safetensors",
+                                      note="a test")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta == {"model": "nbnet_small", "noise": "poisson_gaussian", "step": "1",
+                    "note": "a test"}
+    full = read_weights(run / "checkpoint/model.safetensors")
+    half = read_weights(path)
+    for k, v in full.items():
+        assert half[k].dtype == torch.float16
+        torch.testing.assert_close(half[k].float(), v, rtol=1e-3, atol=1e-4)

@@ -21,7 +21,8 @@ from torch import nn
 from ...errors import UsageError
 from .noise import NOISE_MODELS
 
-__all__ = ["SHIPPED", "available_defaults", "default_weights_path", "load_default"]
+__all__ = ["SHIPPED", "available_defaults", "default_weights_path", "export_weights",
+           "load_default"]
 
 #: noise type -> the model its shipped weights belong to. A noise type is added here only
 #: together with its file, so that a missing file always means a broken installation.
@@ -86,6 +87,31 @@ def load_default(noise: str = "gaussian",
                            for k, v in state.items()})
     model.eval()
     return model.to(device) if device is not None else model
+
+
+def export_weights(run_dir: str | Path, noise: str, out: str | Path, note: str = "") -> Path:
+    """Write a train-denoiser run's final weights as a file to ship: float16 safetensors
+    whose metadata names the model, the noise, the step and ``note`` (how the shipped
+    files in ``weights/`` are made; ``load_default`` reads them back)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ...checkpoint import read_weights
+    from ..training.checkpoints import CHECKPOINT_DIR, load_state
+
+    run = Path(run_dir)
+    cfg = json.loads((run / "config.json").read_text())
+    if cfg.get("noise") != noise:
+        raise UsageError(f"{run} was trained on {cfg.get('noise')!r} noise, not {noise!r}")
+    state = read_weights(run / CHECKPOINT_DIR / "model.safetensors")
+    step = int(load_state(run / CHECKPOINT_DIR / "state.pt")["step"])
+    half = {k: (v.half() if v.is_floating_point() else v).contiguous()
+            for k, v in state.items()}
+    out = Path(out)
+    save_file(half, str(out), metadata={"model": cfg["model"], "noise": noise,
+                                        "step": str(step), "note": note})
+    return out
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
