@@ -78,6 +78,9 @@ def denoise_tiled(
     for i in range(0, len(boxes), batch):
         chunk = boxes[i:i + batch]
         tiles = torch.stack([img[0, :, y:y + th, x:x + tw] for y, x in chunk])
+        # channels_last: the layout the CPU (oneDNN) convolutions run fastest on; the
+        # timing is in benchmarks/denoise.md
+        tiles = tiles.contiguous(memory_format=torch.channels_last)
         if dtype is not None:
             with torch.autocast(img.device.type, dtype=dtype):
                 pred = model(tiles).float()
