@@ -236,3 +236,46 @@ def test_clear_errors():
         sa.create("neighborhood_attention", 16, 2, qk_scale=-1.0)
     with pytest.raises(ValueError, match="neighborhood_attention.*16 channels"):
         sa.create("neighborhood_attention", 16, 2)(torch.randn(1, 5, 5, 8))
+
+
+@pytest.mark.parametrize("H,W,k,d", [(9, 11, 3, 1), (13, 10, 5, 2), (15, 17, 7, 1),
+                                     (15, 14, 7, 2), (11, 7, 5, 1)])
+def test_auto_equals_explicit_values_and_gradients_float64(H, W, k, d):
+    """The CPU fast path (halo kernel in training, SDPA per tile group in no_grad)
+    against the per-query gather, on odd sizes, kernels 3/5/7, dilation 1 and 2."""
+    torch.manual_seed(2)
+    x = torch.randn(2, H, W, 16, dtype=torch.float64)
+    g = torch.randn_like(x)
+    ms = {impl: _module(kernel_size=k, dilation=d, attn_impl=impl)
+          for impl in ("auto", "explicit")}
+    with torch.no_grad():
+        torch.testing.assert_close(ms["auto"](x), ms["explicit"](x), rtol=1e-10, atol=1e-10)
+    grads = {}
+    for impl, m in ms.items():
+        xi = x.clone().requires_grad_()
+        m(xi).backward(g)
+        grads[impl] = [xi.grad] + [p.grad for p in m.parameters()]
+    for a, b in zip(grads["auto"], grads["explicit"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_halo_kernel_equals_its_reference_twin():
+    from spatial_attention.functional.kernels.halo_attention import HaloAttention, reference
+
+    torch.manual_seed(3)
+    nT, B, h, Q, K, d = 5, 2, 3, 4, 9, 8
+    rows = torch.randn(40, d, dtype=torch.float64, requires_grad=True)
+    index = tuple(torch.randint(0, 40, (nT, B * h * n)) for n in (Q, K, K))
+    for mask_shape in [(nT, 1, h, Q, K), (nT, 1, 1, Q, K)]:
+        mask = torch.randn(mask_shape, dtype=torch.float64, requires_grad=True)
+        got = HaloAttention.apply(rows, mask, *index, (nT, B, h, Q, K), 0.3)
+        want = reference(rows, mask, index, (nT, B, h, Q, K), 0.3)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(got)
+        a = torch.autograd.grad(got, (rows, mask), g)
+        b = torch.autograd.grad(want, (rows, mask), g)
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    torch.autograd.gradcheck(
+        lambda r, m: HaloAttention.apply(r, m, *index, (nT, B, h, Q, K), 0.3),
+        (rows, mask))

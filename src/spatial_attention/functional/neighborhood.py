@@ -27,11 +27,14 @@ import torch
 from torch import Tensor
 
 from ..tracing import building_graph
+from .kernels.halo_attention import HaloAttention, halo_attention_applies
+from .kernels.halo_attention import reference as halo_reference
 from .windows import to_2tuple
 
 __all__ = [
     "NeighborhoodTiles",
     "axis_window_start",
+    "halo_attention",
     "neighborhood_bias_index",
     "neighborhood_index",
     "neighborhood_padding",
@@ -243,3 +246,14 @@ def cached_tiles(
             cache.clear()
         cache[key] = tiles
     return tiles
+
+
+def halo_attention(rows: Tensor, mask: Tensor, index: tuple[Tensor, Tensor, Tensor],
+                   shape: tuple[int, int, int, int, int], scale: float) -> Tensor:
+    """``(nT, B, h, Q, d)``: each tile's queries against its halo keys and values, gathered
+    from ``rows`` ``(R, d)`` by ``index`` (q, k, v: ``(nT, B*h*Q | B*h*K)``), under the
+    finite additive ``mask`` ``(nT, 1 | B, 1 | h, Q, K)``. Eager CPU (no dropout): the
+    :class:`~.kernels.halo_attention.HaloAttention` kernel; elsewhere its plain twin."""
+    if halo_attention_applies(rows, 0.0):
+        return HaloAttention.apply(rows, mask, *index, shape, scale)
+    return halo_reference(rows, mask, index, shape, scale)

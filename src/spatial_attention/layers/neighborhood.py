@@ -22,6 +22,7 @@ from ..functional.dispatch import attention
 from ..functional.neighborhood import (
     NeighborhoodTiles,
     cached_tiles,
+    halo_attention,
     neighborhood_bias_index,
     neighborhood_index,
     neighborhood_padding,
@@ -77,7 +78,8 @@ class NeighborhoodAttention(AttentionModule):
     bias. Unlike ``window_attention`` this padding is not masked, so official weights give
     the official outputs at every size.
     attn_impl: ``auto``/``sdpa`` (tiles of queries against their halo keys under a keep
-    mask, no ``N x N`` matrix; SDPA per tile pattern, one lean call in CPU training),
+    mask, no ``N x N`` matrix; SDPA per tile pattern, in CPU training ``auto`` the
+    halo kernel: gather, chunked products, one scatter),
     ``explicit`` (each query's ``k^2`` keys gathered, the softmax written out, recorded),
     ``flex`` (FlexAttention block mask, CUDA eval only, opt-in and not timed on a GPU
     yet; elsewhere ``auto``). Measured in benchmarks/neighborhood_attention.md.
@@ -160,7 +162,7 @@ class NeighborhoodAttention(AttentionModule):
         # (3, B, heads, Np, d)
         qkv = self.qkv(x).view(B, Hp * Wp, 3, h, d).permute(2, 0, 3, 1, 4)
         if impl in ("auto", "sdpa"):
-            out = self._tiled(qkv.contiguous(), H, W, Hp, Wp, p, impl)
+            out = self._tiled(qkv, H, W, Hp, Wp, p, impl)
             return self.proj_drop(self.proj(out))
         if impl == "explicit":
             out = self._explicit(qkv, H, W, Hp, Wp, p)
@@ -201,12 +203,17 @@ class NeighborhoodAttention(AttentionModule):
                              to_2tuple(self.tile), qkv.device)
         nT, Q = tiles.query.shape
         K = tiles.key.shape[1]
-        # rows of one head gathered tile-major, batch- then head-minor: a range of tiles
-        # is one (tiles * B, heads, Q | K, d) block, its mask broadcast over it
-        base = torch.arange(B * h, device=qkv.device).view(1, B * h, 1) * Np
-        qi = (tiles.query[:, None] + base).view(nT, -1)
-        ki = (tiles.key[:, None] + base).view(nT, -1)
-        sources = [t.view(-1, d) for t in qkv.unbind(0)]
+        # rows gathered straight from the projection's (B, Np, 3, heads, d) output (no
+        # permuted copy), tile-major, batch- then head-minor: a range of tiles is one
+        # (tiles * B, heads, Q | K, d) block, its mask broadcast over it
+        source = qkv.permute(1, 3, 0, 2, 4)  # (B, Np, 3, heads, d): the linear's layout
+        if not source.is_contiguous():
+            source = source.contiguous()
+        source = source.view(-1, d)
+        base = (torch.arange(B, device=qkv.device).view(1, B, 1, 1) * (Np * 3 * h)
+                + torch.arange(h, device=qkv.device).view(1, 1, h, 1))
+        qi = (tiles.query[:, None, None] * (3 * h) + base).view(nT, -1)
+        ki = (tiles.key[:, None, None] * (3 * h) + base).view(nT, -1)
         table = self._table(qkv.dtype)
         masks = []
         for g in range(len(tiles.groups)):
@@ -217,23 +224,29 @@ class NeighborhoodAttention(AttentionModule):
                                         and table.requires_grad):
             # training: one call over every tile, each tile's mask broadcast over the batch
             # (per-group calls would make autograd concatenate the split gradients)
-            q, k, v = (src.index_select(0, i.view(-1)).view(nT, B, h, -1, d)
-                       for src, i in zip(sources, (qi, ki, ki), strict=True))
             counts = torch.tensor([stop - first for first, stop in tiles.groups],
                                   device=qkv.device)
             mask = torch.stack(masks).repeat_interleave(counts, 0, output_size=nT)
             mask = mask.view(nT, 1, -1, Q, K)  # (tiles, 1, heads | 1, Q, K)
-            if qkv.is_cuda:  # CUDA's fused kernels take 4-D only
-                q, k, v = (t.flatten(0, 1) for t in (q, k, v))
-                mask = mask.expand(nT, B, h, Q, K).flatten(0, 1)
-            out = attention(q, k, v, mask, scale=self.scale, dropout_p=p, impl=sdpa)
+            index = (qi, ki + h, ki + 2 * h)
+            if impl == "auto" and p == 0.0 and not qkv.is_cuda:
+                # the gather, chunks of tiles and a three-way scatter in one kernel
+                out = halo_attention(source, mask, index, (nT, B, h, Q, K), self.scale)
+            else:
+                q, k, v = (source.index_select(0, i.view(-1)).view(nT, B, h, -1, d)
+                           for i in index)
+                if qkv.is_cuda:  # CUDA's fused kernels take 4-D only
+                    q, k, v = (t.flatten(0, 1) for t in (q, k, v))
+                    mask = mask.expand(nT, B, h, Q, K).flatten(0, 1)
+                out = attention(q, k, v, mask, scale=self.scale, dropout_p=p, impl=sdpa)
         else:
             # inference: each group gathered just before its call (less memory held)
             outs = []
             for (first, stop), mask in zip(tiles.groups, masks, strict=True):
                 n = (stop - first) * B
-                q, k, v = (src.index_select(0, i[first:stop].reshape(-1)).view(n, h, -1, d)
-                           for src, i in zip(sources, (qi, ki, ki), strict=True))
+                q, k, v = (source.index_select(0, i[first:stop].reshape(-1) + s * h
+                                               ).view(n, h, -1, d)
+                           for s, i in enumerate((qi, ki, ki)))
                 outs.append(attention(q, k, v, mask.expand(1, h, Q, K), scale=self.scale,
                                       dropout_p=p, impl=sdpa))
             out = torch.cat(outs) if len(outs) > 1 else outs[0].contiguous()
