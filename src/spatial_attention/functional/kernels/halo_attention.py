@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .kept_probs import TILE_BYTES, _block_grads, _probs_and_output, kept_probs_applies
+from .kept_probs import TILE_BYTES, _probs_and_output, kept_probs_applies
 
 __all__ = ["HaloAttention", "halo_attention_applies", "reference"]
 
@@ -49,8 +49,9 @@ class HaloAttention(torch.autograd.Function):
     queries and halo keys and values, ``(B, h, Q|K)``-major inside a tile. ``mask``
     ``(nT, 1 | B, 1 | h, Q, K)``: finite additive energy (keep mask and bias), its
     gradient summed to its shape. Contract: the values and gradients of
-    :func:`reference`. Backward: :mod:`.kept_probs`' products per chunk of tiles, then
-    three ``index_add_`` into one zero-filled ``rows``-sized gradient.
+    :func:`reference`. Keeps ``q * scale``, ``k``, ``v`` and the probabilities; backward:
+    the products per chunk of tiles written into their gradients, then three
+    ``index_add_`` into one zero-filled ``rows``-sized gradient.
     """
 
     @staticmethod
@@ -58,7 +59,7 @@ class HaloAttention(torch.autograd.Function):
                 v_index: Tensor, shape: tuple[int, ...], scale: float):
         nT, B, h, Q, K = shape
         d = rows.shape[-1]
-        q = rows.index_select(0, q_index.reshape(-1)).view(nT, B, h, Q, d)
+        q = rows.index_select(0, q_index.reshape(-1)).view(nT, B, h, Q, d).mul_(scale)
         k = rows.index_select(0, k_index.reshape(-1)).view(nT, B, h, K, d)
         v = rows.index_select(0, v_index.reshape(-1)).view(nT, B, h, K, d)
         p = rows.new_empty(nT, B, h, Q, K)
@@ -66,7 +67,7 @@ class HaloAttention(torch.autograd.Function):
         step = max(1, TILE_BYTES // (B * h * Q * K * rows.element_size()))
         for i in range(0, nT, step):  # chunks of tiles whose scores stay in cache
             c = slice(i, i + step)
-            _probs_and_output(q[c], k[c], v[c], mask[c], scale, p_out=p[c], out=out[c])
+            _probs_and_output(q[c], k[c], v[c], mask[c], 1.0, p_out=p[c], out=out[c])
         ctx.save_for_backward(q, k, v, p, out, q_index, k_index, v_index)
         ctx.scale, ctx.step, ctx.mask_shape, ctx.rows = scale, step, mask.shape, rows.shape
         return out
@@ -80,14 +81,16 @@ class HaloAttention(torch.autograd.Function):
         delta = (d_out * out).sum(-1, keepdim=True)  # rowsum(dP * P)
         dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
         d_mask = p.new_empty(ctx.mask_shape) if need_mask else None
-        need = (need_rows, need_rows, need_rows, need_mask)
-        for i in range(0, q.shape[0], ctx.step):
+        for i in range(0, q.shape[0], ctx.step):  # q holds q * scale
             c = slice(i, i + ctx.step)
-            outs = (dq[c], dk[c], dv[c], None)
-            _, _, _, ds = _block_grads(q[c], k[c], v[c], p[c], d_out[c], delta[c], ctx.scale,
-                                       0, need, outs=outs)
+            if need_rows:
+                torch.matmul(p[c].transpose(-2, -1), d_out[c], out=dv[c])
+            ds = torch.matmul(d_out[c], v[c].transpose(-2, -1)).sub_(delta[c]).mul_(p[c])
             if d_mask is not None:
                 d_mask[c] = ds.sum_to_size(d_mask[c].shape)
+            if need_rows:
+                torch.matmul(ds, k[c], out=dq[c]).mul_(ctx.scale)
+                torch.matmul(ds.transpose(-2, -1), q[c], out=dk[c])
         d_rows = None
         if need_rows:
             d = q.shape[-1]
