@@ -10,4 +10,6 @@ belong to), whose ``impl`` switch picks the kernel.
 * :mod:`.equal_width`: SDPA for queries/keys narrower or wider than the values.
 * :mod:`.cbam_gates`: CBAM's gate product with a one-buffer backward.
 * :mod:`.leaf_gather`: BOAT's leaf gather and scatter, with a backward that gathers.
+* :mod:`.halo_attention`: neighbourhood attention's query tiles against gathered key
+  halos, chunked, with a backward that scatters once.
 """
