@@ -27,6 +27,7 @@ needs_camera = pytest.mark.skipif("camera" not in builtin_images(),
 # this crop, 3.4 dB through the grey CLI path), so the final weights cannot fail them by
 # being better, while an unloaded or scrambled model would (it leaves the noise in).
 API_GAIN_DB = 6.0
+PG_GAIN_DB = 4.0
 GREY_CLI_GAIN_DB = 1.5
 COLOUR_CLI_GAIN_DB = 5.0
 
@@ -71,14 +72,34 @@ def test_shipped_denoiser_removes_gaussian_noise():
     assert gain > API_GAIN_DB, gain
 
 
-def test_noise_type_choice():
-    assert "gaussian" in available_defaults()
-    assert "poisson_gaussian" not in available_defaults()
+def test_noise_type_choice(monkeypatch):
+    assert available_defaults() == ["gaussian", "poisson_gaussian"]
+    assert default_weights_path("poisson_gaussian").name == \
+        "nbnet_medium-poisson_gaussian.safetensors"
+    with pytest.raises(UsageError, match="unknown noise model 'salt'"):
+        load_default("salt")
+    # a noise type the package knows but ships no weights for says how to train them
+    monkeypatch.delitem(default_mod.SHIPPED, "poisson_gaussian")
     with pytest.raises(UsageError, match=r"no shipped weights for poisson_gaussian noise yet"
                        r".*train-denoiser --model nbnet_medium --noise poisson_gaussian"):
         load_default("poisson_gaussian")
-    with pytest.raises(UsageError, match="unknown noise model 'salt'"):
-        load_default("salt")
+
+
+@needs_camera
+def test_shipped_poisson_gaussian_denoiser_removes_its_noise():
+    from spatial_attention.apps.denoise.train import _to_tensor
+
+    clean = _to_tensor(_camera_crop())[None].expand(1, 3, -1, -1)
+    g = torch.Generator().manual_seed(0)
+    noisy = add_noise(clean, "poisson_gaussian", shot=0.01, read=0.02, generator=g)
+    noisy = noisy[:, :1].expand_as(noisy)  # a grey image: one noise field
+    models = {n: load_default(n) for n in ("gaussian", "poisson_gaussian")}
+    with torch.no_grad():
+        out = {n: m(noisy).clamp(0, 1) for n, m in models.items()}
+    gain = float(psnr(out["poisson_gaussian"], clean) - psnr(noisy.clamp(0, 1), clean))
+    assert gain > PG_GAIN_DB, gain
+    # the two shipped models are different weights, not one file under two names
+    assert not torch.equal(out["gaussian"], out["poisson_gaussian"])
 
 
 def _shipped_dir(monkeypatch, tmp_path):
@@ -161,7 +182,6 @@ def test_denoise_command_on_a_colour_image(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--noise", "poisson_gaussian"], "no shipped weights for poisson_gaussian noise yet"),
     (["--model", "nbnet_small"], "the shipped gaussian denoiser is nbnet_medium; --model "
                                  "nbnet_small needs --weights"),
     (["--sigma", "25", "--shot", "0.01"], "two synthetic tests: give one"),
@@ -203,3 +223,16 @@ def test_export_weights_writes_what_load_default_reads(monkeypatch, tmp_path):
     for k, v in full.items():
         assert half[k].dtype == torch.float16
         torch.testing.assert_close(half[k].float(), v, rtol=1e-3, atol=1e-4)
+
+
+@needs_camera
+def test_denoise_command_with_the_poisson_gaussian_model(capsys, tmp_path):
+    from PIL import Image
+
+    src, out = tmp_path / "camera.png", tmp_path / "x.png"
+    Image.fromarray(_camera_crop()[..., 0]).save(src)
+    code, stdout, err = _main(capsys, "denoise", str(src), "--noise", "poisson_gaussian",
+                              "--shot", "0.01", "--out", str(out), "--no-progress")
+    assert code == 0, err
+    assert "Poisson-Gaussian a=0.01 b=0.02" in stdout
+    assert _gain(stdout) > GREY_CLI_GAIN_DB, stdout

@@ -26,7 +26,7 @@ __all__ = ["SHIPPED", "available_defaults", "default_weights_path", "export_weig
 
 #: noise type -> the model its shipped weights belong to. A noise type is added here only
 #: together with its file, so that a missing file always means a broken installation.
-SHIPPED: dict[str, str] = {"gaussian": "nbnet_medium"}
+SHIPPED: dict[str, str] = {"gaussian": "nbnet_medium", "poisson_gaussian": "nbnet_medium"}
 
 
 def _weights_dir() -> Path:
