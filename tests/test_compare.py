@@ -453,3 +453,26 @@ def test_token_timing_pass(fake_cifar, tmp_path, tiny_token_preset):
     assert sorted(rows) == ["global", "swin"]  # the token baseline is timed with them
     assert float(rows["global"]["infer_vs_baseline"]) == 1.0
     assert not (out / "results.csv").exists()  # no run was trained
+
+
+def test_baseline_gets_its_own_seed_count(fake_cifar, tmp_path, monkeypatch):
+    order = []
+
+    def fake_train(run_dir, name, seed, *a, **k):
+        order.append((name, seed))
+        return None if len(order) > 99 else runner.RunResult(
+            mechanism=name, seed=seed, accuracy=0.5, train_seconds=1.0, epochs=2, params=1,
+            macs=1, train_img_s=1.0, infer_img_s=1.0, peak_mem_mb=1.0, device="cpu",
+            threads=1)
+
+    monkeypatch.setattr(cli, "train_run", fake_train)
+    monkeypatch.setattr(cli, "write_reports",
+                        lambda out, *a, **k: (out / "summary.md").write_text("table"))
+    args = _args("se", "--seeds", "2", "--baseline-seeds", "4", "--data", str(fake_cifar),
+                 "--out", str(tmp_path / "o"), *TINY)
+    assert cli.run(args) == 0
+    # seed-major, the baseline's extra seeds last
+    assert order == [("none", 0), ("se", 0), ("none", 1), ("se", 1), ("none", 2),
+                     ("none", 3)]
+    with pytest.raises(UsageError, match="--baseline-seeds must be positive"):
+        cli.run(_args("se", "--baseline-seeds", "0", "--data", str(fake_cifar), *TINY))
