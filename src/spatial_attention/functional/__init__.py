@@ -27,6 +27,7 @@ from .gates import ChannelMLP, SpatialConvBN, cbam_gates, cbam_gates_reference, 
 from .neighborhood import (
     NeighborhoodTiles,
     axis_window_start,
+    halo_attention,
     neighborhood_bias_index,
     neighborhood_index,
     neighborhood_padding,
@@ -73,6 +74,7 @@ from .windows import (
 __all__ = [
     "NeighborhoodTiles",
     "axis_window_start",
+    "halo_attention",
     "neighborhood_bias_index",
     "neighborhood_index",
     "neighborhood_padding",
