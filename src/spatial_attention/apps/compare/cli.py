@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{TOKEN_OUT})")
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="protocol scale: cpu (half width, 6 epochs) or gpu (full "
-                             "width, 16 epochs); with --tokens cpu (2 epochs, batch 256) or "
+                             "width, 16 epochs); with --tokens cpu (3 epochs, batch 256) or "
                              "gpu (40 epochs, batch 512); default: by --device")
     parser.add_argument("--epochs", type=int, metavar="E", help="override the preset's epochs")
     parser.add_argument("--width", type=float, help="override the preset's width multiplier")
