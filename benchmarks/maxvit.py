@@ -17,7 +17,6 @@ tracker. A parity line (max abs difference to timm, fp32) precedes each table.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from spatial_attention.apps.bench import (
     forward_case,
     interleaved_times,
     keep_freed_memory,
+    ratio_table,
     train_case,
 )
 from spatial_attention.apps.bench.memory import peak_memory_bytes
@@ -76,15 +76,6 @@ def modules(kind: str, C: int, P: int):
     return mods
 
 
-def table(times, peaks, ref):
-    out = [f"| case | median ms | min ms | x {ref} (median / min) | peak MiB |",
-           "|---|---:|---:|---:|---:|"]
-    rmed, rmin = statistics.median(times[ref]), min(times[ref])
-    for name, t in times.items():
-        med, mn = statistics.median(t), min(t)
-        out.append(f"| {name} | {med * 1e3:.2f} | {mn * 1e3:.2f} | {med / rmed:.2f} / "
-                   f"{mn / rmin:.2f} | {peaks[name] / 2**20:.0f} |")
-    return "\n".join(out)
 
 
 def run(kind, x, P, repeats):
@@ -104,7 +95,7 @@ def run(kind, x, P, repeats):
         peaks = {n: peak_memory_bytes(c, "cpu", [x, *mods[n].parameters()])
                  for n, c in cases.items()}
         print(f"\n#### {label}\n")
-        print(table(times, peaks, "ours auto"))
+        print(ratio_table(times, peaks, "ours auto"))
 
 
 def run_model(batch, size, repeats):
@@ -137,7 +128,7 @@ def run_model(batch, size, repeats):
         peaks = {n: peak_memory_bytes(c, "cpu", [x, *mods[n].parameters()])
                  for n, c in cases.items()}
         print(f"\n#### {label}\n")
-        print(table(times, peaks, "ours maxvit_tiny"))
+        print(ratio_table(times, peaks, "ours maxvit_tiny"))
 
 
 def main():

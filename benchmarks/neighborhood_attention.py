@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -37,6 +36,7 @@ from spatial_attention.apps.bench import (
     forward_case,
     interleaved_times,
     keep_freed_memory,
+    ratio_table,
     train_case,
 )
 from spatial_attention.apps.bench.memory import peak_memory_bytes
@@ -77,15 +77,6 @@ def modules(args):
     return mods, notes
 
 
-def table(times, peaks, ref):
-    out = [f"| case | median ms | min ms | x {ref} (median / min) | peak MiB |",
-           "|---|---:|---:|---:|---:|"]
-    rmed, rmin = statistics.median(times[ref]), min(times[ref])
-    for name, t in times.items():
-        med, mn = statistics.median(t), min(t)
-        out.append(f"| {name} | {med * 1e3:.1f} | {mn * 1e3:.1f} | {med / rmed:.2f} / "
-                   f"{mn / rmin:.2f} | {peaks[name] / 2**20:.0f} |")
-    return "\n".join(out)
 
 
 def main():
@@ -134,7 +125,7 @@ def main():
                      for n, c in cases.items()}
             print(f"\n#### ({B}, {S}, {S}, {C}), {args.heads} heads, kernel {args.kernel}, "
                   f"{label}, {repeats} rounds\n")
-            print(table(times, peaks, against))
+            print(ratio_table(times, peaks, against, ms_digits=1))
     for note in notes:
         print(f"\n{note}")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from spatial_attention.apps.bench import (
     forward_case,
     interleaved_times,
     keep_freed_memory,
+    ratio_table,
     train_case,
 )
 from spatial_attention.apps.bench.memory import peak_memory_bytes
@@ -118,15 +118,6 @@ def ea_modules(args, C):
     return mods, notes
 
 
-def table(times, peaks, ref):
-    out = ["| case | median ms | min ms | x ours auto (median / min) | peak MiB |",
-           "|---|---:|---:|---:|---:|"]
-    rmed, rmin = statistics.median(times[ref]), min(times[ref])
-    for name, t in times.items():
-        med, mn = statistics.median(t), min(t)
-        out.append(f"| {name} | {med * 1e3:.2f} | {mn * 1e3:.2f} | {med / rmed:.2f} / "
-                   f"{mn / rmin:.2f} | {peaks[name] / 2**20:.0f} |")
-    return "\n".join(out)
 
 
 def run(title, mods, notes, x, repeats):
@@ -147,7 +138,7 @@ def run(title, mods, notes, x, repeats):
         peaks = {n: peak_memory_bytes(c, "cpu", [x, *mods[n].parameters()])
                  for n, c in cases.items()}
         print(f"\n#### {title}, {label}\n")
-        print(table(times, peaks, ref))
+        print(ratio_table(times, peaks, ref))
     for note in notes:
         print(f"\n{note}")
 

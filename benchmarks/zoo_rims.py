@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from spatial_attention.apps.bench import forward_case, interleaved_times, train_case
+from spatial_attention.apps.bench import (
+    forward_case,
+    interleaved_times,
+    ratio_table,
+    train_case,
+)
 from spatial_attention.apps.bench.memory import peak_memory_bytes
 from spatial_attention.layers.rims import RIMs, convert_reference_state_dict
 
@@ -81,15 +85,6 @@ def modules(args, cell: str, B: int, C: int):
     return mods, notes
 
 
-def table(times, peaks, ref):
-    out = ["| case | median ms | min ms | x ours auto (median / min) | peak MiB |",
-           "|---|---:|---:|---:|---:|"]
-    rmed, rmin = statistics.median(times[ref]), min(times[ref])
-    for name, t in times.items():
-        med, mn = statistics.median(t), min(t)
-        out.append(f"| {name} | {med * 1e3:.1f} | {mn * 1e3:.1f} | {med / rmed:.2f} / "
-                   f"{mn / rmin:.2f} | {peaks[name] / 2**20:.1f} |")
-    return "\n".join(out)
 
 
 def run(title, mods, notes, x, repeats):
@@ -104,7 +99,7 @@ def run(title, mods, notes, x, repeats):
         peaks = {n: peak_memory_bytes(c, "cpu", [x, *mods[n].parameters()])
                  for n, c in cases.items()}
         print(f"\n#### {title}, {label}\n")
-        print(table(times, peaks, ref))
+        print(ratio_table(times, peaks, ref, ms_digits=1, mib_digits=1))
     for note in notes:
         print(f"\n{note}")
 

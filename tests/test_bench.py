@@ -455,3 +455,14 @@ def test_cli_prints_the_plan_and_estimate_and_plan_measures_nothing(capsys, tmp_
     io = capsys.readouterr()
     assert "plan: 1 mechanism" in io.err and "estimate" not in io.err
     assert "se" in io.out and "fwd ms" in io.out
+
+
+def test_ratio_table_reports_medians_minima_and_ratios_to_the_reference():
+    from spatial_attention.apps.bench import ratio_table
+
+    times = {"ours": [0.004, 0.002, 0.003], "other": [0.009, 0.006, 0.012]}
+    peaks = {"ours": 3 * 2**20, "other": 1.5 * 2**20}
+    lines = ratio_table(times, peaks, "ours", ms_digits=1, mib_digits=1).splitlines()
+    assert lines[0] == "| case | median ms | min ms | x ours (median / min) | peak MiB |"
+    assert lines[2] == "| ours | 3.0 | 2.0 | 1.00 / 1.00 | 3.0 |"
+    assert lines[3] == "| other | 9.0 | 6.0 | 3.00 / 3.00 | 1.5 |"

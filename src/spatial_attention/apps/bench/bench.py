@@ -92,6 +92,7 @@ __all__ = [
     "add_arguments",
     "run",
     "interleaved_times",
+    "ratio_table",
     "keep_freed_memory",
     "profile_table",
 ]
@@ -580,6 +581,22 @@ def train_case(module: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], objec
             p.grad = None
         torch.autograd.backward(module(x), grad)
     return run
+
+
+def ratio_table(times: dict[str, list[float]], peaks: dict[str, float], ref: str,
+                ms_digits: int = 2, mib_digits: int = 0) -> str:
+    """Markdown of interleaved timings (seconds per call, as :func:`interleaved_times`
+    returns them) and peak bytes: median and minimum ms, each case's ratio to ``ref``'s
+    median and minimum, and peak MiB. The benchmarks/ scripts print their tables with it."""
+    rmed, rmin = statistics.median(times[ref]), min(times[ref])
+    out = [f"| case | median ms | min ms | x {ref} (median / min) | peak MiB |",
+           "|---|---:|---:|---:|---:|"]
+    for name, t in times.items():
+        med, mn = statistics.median(t), min(t)
+        out.append(f"| {name} | {med * 1e3:.{ms_digits}f} | {mn * 1e3:.{ms_digits}f} | "
+                   f"{med / rmed:.2f} / {mn / rmin:.2f} | "
+                   f"{peaks[name] / 2**20:.{mib_digits}f} |")
+    return "\n".join(out)
 
 
 def interleaved_times(
