@@ -47,6 +47,7 @@ def denoise_tiled(
     batch: int = 4,
     progress: bool = False,
     dtype: torch.dtype | None = None,
+    channels_last: bool = True,
 ) -> Tensor:
     """Run ``model`` over ``image`` ``(C, H, W)`` or ``(1, C, H, W)`` tile by tile.
 
@@ -54,6 +55,8 @@ def denoise_tiled(
     pixels and are blended with linear ramps; ``batch`` tiles run per call. Peak memory
     is that of one batch of tiles plus two image-sized float32 buffers. ``dtype``
     (e.g. ``torch.bfloat16``) runs the model under autocast on the image's device.
+    ``channels_last`` hands the model its tiles in that memory format (the faster one
+    for the CPU convolutions; ``benchmarks/denoise.md``), else contiguous NCHW.
     Returns ``image``'s shape in float32.
     """
     if tile < 16 or overlap < 0 or overlap >= tile or batch < 1:
@@ -78,9 +81,8 @@ def denoise_tiled(
     for i in range(0, len(boxes), batch):
         chunk = boxes[i:i + batch]
         tiles = torch.stack([img[0, :, y:y + th, x:x + tw] for y, x in chunk])
-        # channels_last: the layout the CPU (oneDNN) convolutions run fastest on; the
-        # timing is in benchmarks/denoise.md
-        tiles = tiles.contiguous(memory_format=torch.channels_last)
+        if channels_last:
+            tiles = tiles.contiguous(memory_format=torch.channels_last)
         if dtype is not None:
             with torch.autocast(img.device.type, dtype=dtype):
                 pred = model(tiles).float()
