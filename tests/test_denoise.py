@@ -338,9 +338,12 @@ def test_init_from_starts_at_the_given_weights_and_names_a_wrong_key_set(tmp_pat
 
 
 def test_tiled_inference_is_the_same_in_either_layout():
-    torch.manual_seed(0)
-    model = create_model("nbnet_small", width=4, skip_mid=8).eval()
-    x = torch.rand(3, 40, 52)
+    from spatial_attention.apps.denoise import load_default
+
+    # trained weights: a random NBNet's subspace solve is ill-conditioned enough that
+    # float32 rounding (which differs between layouts) is amplified far past 1e-5
+    model = load_default("gaussian")
+    x = torch.rand(3, 40, 52, generator=torch.Generator().manual_seed(0))
     a = denoise_tiled(model, x, tile=32, overlap=8, channels_last=True)
     b = denoise_tiled(model, x, tile=32, overlap=8, channels_last=False)
     assert a.is_contiguous() and a.shape == x.shape
