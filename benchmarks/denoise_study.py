@@ -17,6 +17,12 @@ Three steps, each resumable, results written as they come:
     python benchmarks/denoise_study.py timing
     # 4. SSA alone: fused solve vs the explicit N x N projection
     python benchmarks/denoise_study.py ssa
+    # 5. any train-denoiser runs (e.g. the SSA ablation at nbnet_medium size), by label
+    python benchmarks/denoise_study.py eval --run ssa0=runs/ablation/ssa-seed0 \
+        --run plain0=runs/ablation/plain-seed0 --nets --classical --noises gaussian25
+    # 6. data or capacity? the shipped model and BM3D on crops of the *training* images
+    python benchmarks/denoise_study.py eval --split train --nets default --classical bm3d \
+        --noises gaussian25 gaussian50 --out benchmarks/denoise_default_train --fresh
 
 Held-out images: ``camera``, ``grace_hopper``, ``gravel`` and ``ihc`` (never trained
 on; ``spatial_attention.apps.denoise.TEST_IMAGES``; the first study had only the first
@@ -44,6 +50,7 @@ import torch
 
 from spatial_attention.apps.denoise import (
     TEST_IMAGES,
+    TRAIN_IMAGES,
     add_noise,
     available_defaults,
     build_denoiser,
@@ -54,7 +61,7 @@ from spatial_attention.apps.denoise import (
     ssim,
     train_denoiser,
 )
-from spatial_attention.apps.denoise.train import share_grey_noise
+from spatial_attention.apps.denoise.train import _run_config, share_grey_noise
 from spatial_attention.models.nbnet import load_pretrained
 
 VARIANTS = {"nbnet_small": {"ssa": True}, "unet_small": {"ssa": False}}
@@ -68,6 +75,15 @@ SHOT, READ = 0.01, 0.02
 CLASSICAL = ("nl_means", "wavelet", "tv_chambolle", "bm3d")
 #: --nets choices: the study's own runs, and the denoiser shipped in the package
 NETS = (*VARIANTS, "default")
+
+
+def _label_dir(text: str) -> tuple[str, Path]:
+    label, sep, path = text.partition("=")
+    if not sep or not label or not path:
+        raise argparse.ArgumentTypeError(f"expected LABEL=RUN_DIR, got {text!r}")
+    if not (Path(path) / "checkpoint" / "model.safetensors").is_file():
+        raise argparse.ArgumentTypeError(f"{path}: no checkpoint/model.safetensors")
+    return label, Path(path)
 
 
 def run_dir(root: Path, variant: str, noise: str) -> Path:
@@ -147,9 +163,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from spatial_attention.images import builtin_images
 
     torch.set_num_threads(args.threads)
-    # load_clean_images drops held-out images this machine lacks; the names must follow
-    names = [n for n in TEST_IMAGES if n in builtin_images()]
-    images = [_crop(im, args.crop) for im in load_clean_images("builtin", "test")]
+    # load_clean_images drops images this machine lacks; the names must follow
+    split_names = TEST_IMAGES if args.split == "test" else TRAIN_IMAGES
+    names = [n for n in split_names if n in builtin_images()]
+    images = [_crop(im, args.crop) for im in load_clean_images("builtin", args.split)]
     keep = [i for i, n in enumerate(names) if not args.images or n in args.images]
     names, images = [names[i] for i in keep], [images[i] for i in keep]
     out_csv = args.out / "results.csv"
@@ -186,6 +203,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 net = build_denoiser("nbnet_small", VARIANTS[variant])
                 nets[variant] = load_pretrained(net, rd / "checkpoint" / "model.safetensors")
                 nets[variant].eval()
+        for label, rd in args.run:
+            cfg = _run_config(rd, "--run")
+            if cfg.get("noise", "gaussian") != train_noise:
+                continue
+            net = build_denoiser(cfg.get("model", "nbnet"), cfg.get("model_args", {}))
+            nets[label] = load_pretrained(net, rd / "checkpoint" / "model.safetensors").eval()
         for name, clean in zip(names, images, strict=True):
             g = torch.Generator().manual_seed(2021)
             noisy = add_noise(clean[None], model, sigma or 0.0, shot=SHOT, read=READ,
@@ -389,8 +412,12 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--classical", nargs="*", default=list(CLASSICAL), choices=CLASSICAL)
     e.add_argument("--nets", nargs="*", default=list(VARIANTS), choices=NETS)
-    e.add_argument("--images", nargs="*", choices=TEST_IMAGES,
-                   help="some of the held-out images (default: all)")
+    e.add_argument("--split", choices=["test", "train"], default="test",
+                   help="the held-out images (default) or the training images")
+    e.add_argument("--images", nargs="*", choices=(*TEST_IMAGES, *TRAIN_IMAGES),
+                   help="some of the split's images (default: all)")
+    e.add_argument("--run", type=_label_dir, action="append", default=[],
+                   metavar="LABEL=RUN_DIR", help="also evaluate this train-denoiser run")
     e.add_argument("--noises", nargs="*", choices=list(NOISES))
     e.add_argument("--out", type=Path, default=Path("benchmarks/denoise_study"))
     e.add_argument("--fresh", action="store_true", help="start results.csv anew")
