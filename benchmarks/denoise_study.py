@@ -165,6 +165,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     # load_clean_images drops images this machine lacks; the names must follow
     split_names = TEST_IMAGES if args.split == "test" else TRAIN_IMAGES
+    stray = sorted(set(args.images or ()) - set(split_names))
+    if stray:
+        sys.exit(f"--images {' '.join(stray)}: not in the {args.split} split")
     names = [n for n in split_names if n in builtin_images()]
     images = [_crop(im, args.crop) for im in load_clean_images("builtin", args.split)]
     keep = [i for i, n in enumerate(names) if not args.images or n in args.images]
