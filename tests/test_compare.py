@@ -476,3 +476,56 @@ def test_baseline_gets_its_own_seed_count(fake_cifar, tmp_path, monkeypatch):
                      ("none", 3)]
     with pytest.raises(UsageError, match="--baseline-seeds must be positive"):
         cli.run(_args("se", "--baseline-seeds", "0", "--data", str(fake_cifar), *TINY))
+
+
+def test_plan_reads_the_queue_and_trains_nothing(fake_cifar, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["se", "--seeds", "2", "--data", str(fake_cifar), "--out", str(out), *TINY]
+    # 96 images / batch 32 = 3 steps per epoch, 2 epochs
+    assert cli.run(_args(*base, "--plan")) == 0
+    text = capsys.readouterr().out
+    assert "plan: 4 runs in the queue: 0 finished, 0 to resume, 4 to start (6 steps each)" \
+        in text
+    assert "none: 2 to start; time unknown" in text and "plus 2 without one" in text
+    assert not (out / "runs").exists() and not (out / "protocol.json").exists()
+
+    # one epoch of the first run, then a stop: the plan sees it resume at step 3
+    assert cli.run(_args(*base, "--stop-after-epochs", "1")) == 0
+    capsys.readouterr()
+    assert cli.run(_args(*base, "--plan")) == 0
+    assert "none: seed 0 resumes at step 3, 1 to start" in capsys.readouterr().out
+
+    # finished runs give their entry a rate; a timing pass overrides it
+    assert cli.run(_args(*base)) == 0
+    capsys.readouterr()
+    assert cli.run(_args(*base, "--plan")) == 0
+    assert "4 finished" in (text := capsys.readouterr().out) and "nothing left" in text
+    more = ["se", "--seeds", "3", *base[3:]]  # one more run each
+    assert cli.run(_args(*more, "--plan")) == 0
+    text = capsys.readouterr().out
+    assert "none: 2 finished, 1 to start; about" in text and "its 2 finished run(s)" in text
+    (out / "timing.csv").write_text(
+        "mechanism,train_img_s,infer_img_s,train_vs_baseline,infer_vs_baseline,rounds,steps,"
+        "threads,device,load_before\n"
+        "none,19.2,100,1,1,3,3,2,cpu,0\nse,9.6,100,0.5,1,3,3,2,cpu,0\n")
+    assert cli.run(_args(*more, "--plan")) == 0
+    text = capsys.readouterr().out
+    # 6 steps of 32 images: 10 s at 19.2 img/s, 20 s at 9.6
+    assert "none: 2 finished, 1 to start; about 10 s at 19 img/s (timing pass, 2 threads)" \
+        in text
+    assert "se: 2 finished, 1 to start; about 20 s at 10 img/s" in text
+    assert "total: about 30 s of training steps, a lower bound" in text
+
+
+def test_plan_queue_seconds_from_the_rates(tmp_path):
+    from spatial_attention.apps.compare.plan import plan_queue
+
+    (tmp_path / "timing.csv").write_text(
+        "mechanism,train_img_s,threads\nnone,100,2\n")
+    plans = plan_queue(tmp_path, [("none", 0), ("se", 0), ("none", 1)], steps_per_run=50,
+                       batch_size=4)
+    assert [p.name for p in plans] == ["none", "se"]
+    none, se = plans
+    assert (none.seeds, none.to_start, none.steps_left) == (2, 2, 100)
+    assert none.seconds == pytest.approx(100 * 4 / 100)
+    assert se.seconds is None and se.rate_from == ""

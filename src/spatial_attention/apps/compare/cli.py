@@ -33,6 +33,7 @@ import torch
 
 from ...errors import UsageError
 from .data import check_data, load_cifar
+from .plan import format_plan, plan_queue
 from .runner import PRESETS, TTA_MODES, Protocol, RunResult, read_result, steps_of, train_run
 from .stats import SUMMARY_FIELDS, markdown, plot, summarise
 from .timing import TIMING_FIELDS, TIMING_NAME, read_timing, timing_note, timing_pass
@@ -104,6 +105,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "<out>/timing.csv; the summary's img/s then come from it")
     parser.add_argument("--timing-rounds", type=int, default=3, metavar="R",
                         help="rounds of the timing pass (default 3; the best one is kept)")
+    parser.add_argument("--plan", action="store_true",
+                        help="only print the queue: per entry the runs finished, resuming "
+                        "and to start, and the time their steps should take (rates from "
+                        "the folder's timing pass, else its finished runs); trains nothing")
     # tests stop a queue mid-run to check that resuming is exact
     parser.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)
 
@@ -385,6 +390,14 @@ def _run_timing(out: Path, entries: list[str], protocol: Protocol | TokenProtoco
     return 0
 
 
+def _queue(entries: list[str], baseline: str, seeds: int,
+           base_seeds: int) -> list[tuple[str, int]]:
+    """The ``(entry, seed)`` runs in order: seed-major, so a partly finished queue
+    already holds every entry at seed 0; the baseline may have more seeds."""
+    return [(m, s) for s in range(max(seeds, base_seeds)) for m in entries
+            if s < (base_seeds if m == baseline else seeds)]
+
+
 def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.seeds < 1:
@@ -410,6 +423,17 @@ def run(args: argparse.Namespace) -> int:
         _check_buildable(mechanisms, protocol)
     out = Path(args.out or (TOKEN_OUT if tokens else DEFAULT_OUT))
     _check_out(out, protocol)
+    if args.plan:  # read-only: no protocol.json, no run folders (the data cache aside)
+        n_train = len(load_cifar(data_root, out / "cache")
+                      .subset(protocol.train_subset, protocol.test_subset).train_y)
+        per_run = steps_of(protocol, n_train)
+        base_seeds = args.seeds if args.baseline_seeds is None else args.baseline_seeds
+        queue = _queue(mechanisms, TOKEN_BASELINE if tokens else BASELINE, args.seeds,
+                       base_seeds)
+        for line in format_plan(plan_queue(out, queue, per_run, protocol.batch_size),
+                                per_run):
+            print(line)
+        return 0
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -429,16 +453,12 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    # seed-major: a partly finished queue already holds every mechanism at seed 0
     baseline = TOKEN_BASELINE if tokens else BASELINE
     base_seeds = args.seeds if args.baseline_seeds is None else args.baseline_seeds
-
-    def seeds_of(m: str) -> int:
-        return base_seeds if m == baseline else args.seeds
-
-    queue = [(m, s) for s in range(max(args.seeds, base_seeds)) for m in mechanisms
-             if s < seeds_of(m)]
+    queue = _queue(mechanisms, baseline, args.seeds, base_seeds)
     per_run = steps_of(protocol, len(data.train_y))
+    for line in format_plan(plan_queue(out, queue, per_run, protocol.batch_size), per_run):
+        print(line)
     seeds_text = (f"{args.seeds} seeds" if base_seeds == args.seeds
                   else f"{args.seeds} seeds ({baseline}: {base_seeds})")
     print(f"compare: {len(mechanisms)} entries x {seeds_text}; {protocol.describe()}; "
