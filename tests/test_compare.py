@@ -529,3 +529,14 @@ def test_plan_queue_seconds_from_the_rates(tmp_path):
     assert (none.seeds, none.to_start, none.steps_left) == (2, 2, 100)
     assert none.seconds == pytest.approx(100 * 4 / 100)
     assert se.seconds is None and se.rate_from == ""
+
+
+def test_token_plan(fake_cifar, tmp_path, tiny_token_preset, capsys):
+    out = tmp_path / "tok"
+    assert cli.run(_args("--tokens", "swin", "--seeds", "2", "--data", str(fake_cifar),
+                         "--out", str(out), *TINY_TOKENS, "--plan")) == 0
+    text = capsys.readouterr().out
+    assert "plan: 4 runs in the queue: 0 finished, 0 to resume, 4 to start (3 steps each)" \
+        in text
+    assert "global: 2 to start" in text and "swin: 2 to start" in text
+    assert not (out / "runs").exists()
