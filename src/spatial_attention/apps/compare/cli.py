@@ -398,6 +398,15 @@ def _queue(entries: list[str], baseline: str, seeds: int,
             if s < (base_seeds if m == baseline else seeds)]
 
 
+def _print_plan(out: Path, queue: list[tuple[str, int]], protocol: Protocol | TokenProtocol,
+                n_train: int) -> int:
+    """Print what ``queue`` has left (``--plan``); the steps of one run."""
+    per_run = steps_of(protocol, n_train)
+    for line in format_plan(plan_queue(out, queue, per_run, protocol.batch_size), per_run):
+        print(line)
+    return per_run
+
+
 def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.seeds < 1:
@@ -423,16 +432,13 @@ def run(args: argparse.Namespace) -> int:
         _check_buildable(mechanisms, protocol)
     out = Path(args.out or (TOKEN_OUT if tokens else DEFAULT_OUT))
     _check_out(out, protocol)
+    baseline = TOKEN_BASELINE if tokens else BASELINE
+    base_seeds = args.seeds if args.baseline_seeds is None else args.baseline_seeds
+    queue = _queue(mechanisms, baseline, args.seeds, base_seeds)
     if args.plan:  # read-only: no protocol.json, no run folders (the data cache aside)
-        n_train = len(load_cifar(data_root, out / "cache")
-                      .subset(protocol.train_subset, protocol.test_subset).train_y)
-        per_run = steps_of(protocol, n_train)
-        base_seeds = args.seeds if args.baseline_seeds is None else args.baseline_seeds
-        queue = _queue(mechanisms, TOKEN_BASELINE if tokens else BASELINE, args.seeds,
-                       base_seeds)
-        for line in format_plan(plan_queue(out, queue, per_run, protocol.batch_size),
-                                per_run):
-            print(line)
+        data = load_cifar(data_root, out / "cache")
+        _print_plan(out, queue, protocol,
+                    len(data.subset(protocol.train_subset, protocol.test_subset).train_y))
         return 0
 
     if args.threads is not None:
@@ -453,12 +459,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    baseline = TOKEN_BASELINE if tokens else BASELINE
-    base_seeds = args.seeds if args.baseline_seeds is None else args.baseline_seeds
-    queue = _queue(mechanisms, baseline, args.seeds, base_seeds)
-    per_run = steps_of(protocol, len(data.train_y))
-    for line in format_plan(plan_queue(out, queue, per_run, protocol.batch_size), per_run):
-        print(line)
+    per_run = _print_plan(out, queue, protocol, len(data.train_y))
     seeds_text = (f"{args.seeds} seeds" if base_seeds == args.seeds
                   else f"{args.seeds} seeds ({baseline}: {base_seeds})")
     print(f"compare: {len(mechanisms)} entries x {seeds_text}; {protocol.describe()}; "
