@@ -132,7 +132,8 @@ def format_plan(plans: Sequence[EntryPlan], steps_per_run: int) -> list[str]:
         return lines
     total = f"about {_hours(known)} of training steps"
     if unknown:
-        total += f" for the entries with a rate, plus {len(unknown)} without one"
-    lines.append(f"  total: {total}, a lower bound: evaluation, checkpoints and a shared "
-                 "CPU add to it (`--timing` gives every entry a rate)")
+        total += (f" for the entries with a rate, plus {len(unknown)} without one "
+                  "(`--timing` gives every entry a rate)")
+    lines.append(f"  total: {total}; a lower bound: evaluation, checkpoints and a shared "
+                 "CPU add to it")
     return lines
