@@ -23,6 +23,8 @@ Three steps, each resumable, results written as they come:
     # 6. data or capacity? the shipped model and BM3D on crops of the *training* images
     python benchmarks/denoise_study.py eval --split train --nets default --classical bm3d \
         --noises gaussian25 gaussian50 --out benchmarks/denoise_default_train --fresh
+    # 6b. its PSNR gap to BM3D per noise: all images, grey ones, colour ones
+    python benchmarks/denoise_study.py gap --out benchmarks/denoise_default_train
 
 Held-out images: ``camera``, ``grace_hopper``, ``gravel`` and ``ihc`` (never trained
 on; ``spatial_attention.apps.denoise.TEST_IMAGES``; the first study had only the first
@@ -291,6 +293,37 @@ def summarise(path: Path) -> None:
         print(f"| {m} | " + " | ".join(cells) + f" | {cost} |")
 
 
+def cmd_gap(args: argparse.Namespace) -> None:
+    """Mean PSNR of ``--method`` minus ``--ref`` per noise, over all images of a results.csv
+    and over its grey and its colour images (grey: scikit-image's single-channel ones)."""
+    from spatial_attention.images import load_image
+
+    with (args.out / "results.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    psnr_of = {(r["noise"], r["image"], r["method"]): float(r["psnr"]) for r in rows}
+    grey = {}
+    print(f"| noise | images | {args.method} - {args.ref}, all | grey | colour |")
+    print("|---|---|---|---|---|")
+    for noise in NOISES:
+        gaps = {im: psnr_of[(n, im, args.method)] - psnr_of[(n, im, args.ref)]
+                for (n, im, m) in psnr_of if n == noise and m == args.method
+                and (n, im, args.ref) in psnr_of}
+        if not gaps:
+            continue
+        for im in gaps:
+            if im not in grey:
+                x = load_image(f"builtin:{im}")
+                grey[im] = bool((x == x[..., :1]).all())  # (H, W, 3), equal channels
+
+        def mean(names: list[str], gaps: dict[str, float] = gaps) -> str:
+            return f"{statistics.mean(gaps[n] for n in names):+.2f} ({len(names)})" if names \
+                else "-"
+
+        g = [n for n in gaps if grey[n]]
+        c = [n for n in gaps if not grey[n]]
+        print(f"| {noise} | {len(gaps)} | {mean(list(gaps))} | {mean(g)} | {mean(c)} |")
+
+
 # -- throughput ---------------------------------------------------------------------------
 
 
@@ -441,6 +474,10 @@ def main(argv: list[str] | None = None) -> None:
     tm.add_argument("--threads", type=int, default=1)
     tm.add_argument("--repeat", type=int, default=5)
     tm.add_argument("--nets", nargs="*", default=list(VARIANTS), choices=NETS)
+    gp = sub.add_parser("gap")
+    gp.add_argument("--out", type=Path, default=Path("benchmarks/denoise_study"))
+    gp.add_argument("--method", default="default")
+    gp.add_argument("--ref", default="bm3d")
     a = sub.add_parser("ssa")
     a.add_argument("--channels", type=int, default=64)
     a.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64])
@@ -457,6 +494,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd_timing(args)
     elif args.cmd == "ssa":
         cmd_ssa(args)
+    elif args.cmd == "gap":
+        cmd_gap(args)
     elif args.cmd == "summary":
         summarise(args.out / "results.csv")
     else:
