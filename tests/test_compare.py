@@ -523,12 +523,16 @@ def test_plan_queue_seconds_from_the_rates(tmp_path):
 
     (tmp_path / "timing.csv").write_text(
         "mechanism,train_img_s,threads\nnone,100,2\n")
+    garbled = tmp_path / "runs" / "se" / "seed0" / "checkpoint"
+    garbled.mkdir(parents=True)
+    (garbled / "state.pt").write_bytes(b"not a checkpoint")  # unreadable: counted as unstarted
     plans = plan_queue(tmp_path, [("none", 0), ("se", 0), ("none", 1)], steps_per_run=50,
                        batch_size=4)
     assert [p.name for p in plans] == ["none", "se"]
     none, se = plans
     assert (none.seeds, none.to_start, none.steps_left) == (2, 2, 100)
     assert none.seconds == pytest.approx(100 * 4 / 100)
+    assert (se.to_start, se.resuming, se.steps_left) == (1, [], 50)
     assert se.seconds is None and se.rate_from == ""
 
 
