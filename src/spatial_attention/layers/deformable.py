@@ -80,9 +80,9 @@ class DeformableConv2d(AttentionModule):
     ``ModulatedDeformConv2dPack`` ones (``weight``, ``bias``, ``conv_offset.*``); the kernel
     follows ``torchvision.ops.deform_conv2d`` (:func:`..functional.sampling.deform_conv2d`).
     Deviation: ``bias=True`` by default (torchvision's; mmcv's v1 has none).
-    attn_impl: ``auto`` (four corner gathers of all taps, one grouped matmul), ``explicit``
+    attn_impl: ``auto`` (one ``grid_sample`` of all taps, one grouped matmul), ``explicit``
     (the sum over taps, one at a time; records the offsets and, v2, the modulation);
-    measured in benchmarks/generalized_attention.md.
+    measured in benchmarks/deformable_conv.md.
     """
 
     def __init__(
