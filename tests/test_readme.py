@@ -44,3 +44,12 @@ def test_readme_compare_table_is_generated_from_the_committed_summary():
     assert START in text and END in text
     block = text.split(START, 1)[1].split(END, 1)[0]
     assert block == "\n" + readme_block(ROOT / "benchmarks" / "compare")
+
+
+def test_readme_claims_table_is_generated_from_the_committed_results():
+    from spatial_attention.apps.compare.readme import CLAIMS_END, CLAIMS_START, claims_block
+
+    text = ROOT.joinpath("README.md").read_text()
+    assert CLAIMS_START in text and CLAIMS_END in text
+    block = text.split(CLAIMS_START, 1)[1].split(CLAIMS_END, 1)[0]
+    assert block == "\n" + claims_block(ROOT / "benchmarks" / "compare")

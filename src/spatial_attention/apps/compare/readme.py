@@ -3,8 +3,10 @@
     python -m spatial_attention.apps.compare.readme [README.md] [benchmarks/compare]
 
 rewrites the block between ``<!-- compare:start -->`` and ``<!-- compare:end -->`` of the
-README from ``<folder>/summary.csv`` (and ``protocol.json`` beside it when present);
-``tests/test_readme.py`` holds the committed README and summary equal.
+README from ``<folder>/summary.csv``, and the block between ``<!-- claims:start -->`` and
+``<!-- claims:end -->`` (the papers' claims and what the runs say of them, :mod:`.claims`)
+from ``<folder>/results.csv`` and the token protocol's ``<folder>/tokens/results.csv``;
+``tests/test_readme.py`` holds the committed README and results equal.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import math
 import sys
 from pathlib import Path
 
-__all__ = ["readme_block", "update_readme", "START", "END"]
+from .claims import claims_table, read_accuracies
+
+__all__ = ["readme_block", "claims_block", "update_readme", "START", "END", "CLAIMS_START",
+           "CLAIMS_END"]
 
 START, END = "<!-- compare:start -->", "<!-- compare:end -->"
+CLAIMS_START, CLAIMS_END = "<!-- claims:start -->", "<!-- claims:end -->"
 
 
 def _fmt(v: str, spec: str) -> str:
@@ -47,15 +53,28 @@ def readme_block(folder: str | Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def claims_block(folder: str | Path) -> str:
+    """The claims table from ``folder/results.csv`` (map protocol) and
+    ``folder/tokens/results.csv`` (token protocol; absent until it has runs)."""
+    folder = Path(folder)
+    return claims_table({"map": read_accuracies(folder / "results.csv"),
+                         "tokens": read_accuracies(folder / "tokens" / "results.csv")})
+
+
+def _replace_block(text: str, start: str, end: str, body: str, path: Path) -> str:
+    if start not in text or end not in text:
+        raise ValueError(f"{path}: no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}{end}{tail}"
+
+
 def update_readme(readme: str | Path, folder: str | Path) -> bool:
-    """Rewrite the README's block; True when it changed."""
+    """Rewrite the README's table and claims blocks; True when either changed."""
     path = Path(readme)
     text = path.read_text()
-    if START not in text or END not in text:
-        raise ValueError(f"{path}: no {START} ... {END} block")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{readme_block(folder)}{END}{tail}"
+    new = _replace_block(text, START, END, readme_block(folder), path)
+    new = _replace_block(new, CLAIMS_START, CLAIMS_END, claims_block(folder), path)
     if new != text:
         path.write_text(new)
         return True
@@ -66,4 +85,4 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     changed = update_readme(args[0] if args else "README.md",
                             args[1] if len(args) > 1 else "benchmarks/compare")
-    print("README table updated" if changed else "README table already current")
+    print("README tables updated" if changed else "README tables already current")
