@@ -445,6 +445,20 @@ def test_timing_pass_is_interleaved_and_feeds_the_summary(fake_cifar, tmp_path, 
         cli.run(_args(*base, "--timing", "--timing-rounds", "0"))
 
 
+def test_timing_note_tells_one_pass_from_several():
+    from spatial_attention.apps.compare.timing import timing_note
+
+    row = {"rounds": "3", "steps": "3", "threads": "2", "device": "cpu"}
+    one = timing_note({"none": {**row, "load_before": "1.80"},
+                       "se": {**row, "load_before": "1.80"}})
+    assert "load average 1.80 at its start" in one and "passes" not in one
+    two = timing_note({"none": {**row, "load_before": "1.47"},
+                       "se": {**row, "load_before": "1.80"},
+                       "gam": {**row, "load_before": "1.80"}})
+    assert "rows from 2 passes (load averages 1.47, 1.80" in two
+    assert "compare ratios rather than img/s" in two
+
+
 def test_token_timing_pass(fake_cifar, tmp_path, tiny_token_preset):
     out = tmp_path / "tok"
     assert cli.run(_args("--tokens", "swin", "--data", str(fake_cifar), "--out", str(out),

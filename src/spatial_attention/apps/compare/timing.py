@@ -121,10 +121,18 @@ def read_timing(out: str | Path) -> dict[str, dict[str, str]]:
 
 
 def timing_note(timing: dict[str, dict[str, str]]) -> str:
-    """The line under a summary table whose img/s come from the timing pass."""
+    """The line under a summary table whose img/s come from the timing pass (or passes:
+    a pass over some entries keeps the other entries' rows of an earlier one; the load
+    average at each pass's start tells them apart)."""
     r = next(iter(timing.values()))
+    loads = sorted({row["load_before"] for row in timing.values()})
+    if len(loads) == 1:
+        when = f"load average {loads[0]} at its start"
+    else:
+        when = (f"rows from {len(loads)} passes (load averages {', '.join(loads)} at their "
+                "starts; each entry's ratio is to the baseline of its own pass, so compare "
+                "ratios rather than img/s across passes)")
     return (f"img/s from the separate timing pass (`--timing`): every entry built at once "
             f"and timed interleaved, best of {r['rounds']} rounds of {r['steps']} training "
             f"steps and one TTA evaluation each, {r['threads']} thread(s) on {r['device']}, "
-            f"load average {r['load_before']} at its start; timing.csv has the ratios to "
-            "the baseline.")
+            f"{when}; timing.csv has the ratios to the baseline.")
