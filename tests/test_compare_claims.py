@@ -15,6 +15,8 @@ from spatial_attention.apps.compare.readme import (
     CLAIMS_START,
     END,
     START,
+    TOKENS_END,
+    TOKENS_START,
     update_readme,
 )
 
@@ -89,13 +91,21 @@ def test_update_readme_rewrites_both_blocks(tmp_path):
         "mechanism,n,mean,std,diff,ci_low,ci_high,significant,params,macs\n"
         "none,2,87.05,0.07,,,,,498104,33066272\n")
     readme = tmp_path / "README.md"
+    (folder / "tokens" / "summary.csv").write_text(
+        "mechanism,n,mean,std,diff,ci_low,ci_high,significant,params,macs,attn_flops_32px,"
+        "attn_flops_224px\nglobal,2,60.5,0.7,,,,,1573994,79268352,25165824,2620391424\n"
+        "boat,2,50.5,0.7,-10.0,-13.0,-7.0,*,1500000,70000000,,\n")
     readme.write_text(f"intro\n{START}\nold\n{END}\nmiddle\n{CLAIMS_START}\nold\n"
-                      f"{CLAIMS_END}\nend\n")
+                      f"{CLAIMS_END}\n{TOKENS_START}\nold\n{TOKENS_END}\nend\n")
     assert update_readme(readme, folder)
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
     assert "| none | 2 | 87.05 | 0.07 |" in text
     assert "| boat rivals global |" in text and "not reproduced" in text
+    assert "| entry | seeds |" in text and "vs global (95% CI)" in text
+    assert "| global | 2 | 60.50 | 0.70 | - | 1,573,994 | 79.3M | 25.2M | 2620.4M |" in text
+    assert "| boat | 2 | 50.50 | 0.70 | -10.00 [-13.00, -7.00] * |" in text
+    assert text.count("| - | - |") == 1  # boat's FLOPs unknown
     assert not update_readme(readme, folder)  # already current
     readme.write_text(f"{START}\n{END}\n")
     with pytest.raises(ValueError, match="claims:start"):

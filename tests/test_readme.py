@@ -53,3 +53,18 @@ def test_readme_claims_table_is_generated_from_the_committed_results():
     assert CLAIMS_START in text and CLAIMS_END in text
     block = text.split(CLAIMS_START, 1)[1].split(CLAIMS_END, 1)[0]
     assert block == "\n" + claims_block(ROOT / "benchmarks" / "compare")
+
+
+def test_readme_token_table_is_generated_from_the_committed_token_summary():
+    from spatial_attention.apps.compare.readme import (
+        TOKEN_FOLDER,
+        TOKENS_END,
+        TOKENS_START,
+        readme_block,
+    )
+
+    text = ROOT.joinpath("README.md").read_text()
+    block = text.split(TOKENS_START, 1)[1].split(TOKENS_END, 1)[0]
+    folder = ROOT / "benchmarks" / "compare" / TOKEN_FOLDER
+    assert block == "\n" + readme_block(folder, "global")
+    assert "mixer FLOPs 224px" in block

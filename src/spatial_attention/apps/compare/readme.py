@@ -3,7 +3,9 @@
     python -m spatial_attention.apps.compare.readme [README.md] [benchmarks/compare]
 
 rewrites the block between ``<!-- compare:start -->`` and ``<!-- compare:end -->`` of the
-README from ``<folder>/summary.csv``, and the block between ``<!-- claims:start -->`` and
+README from ``<folder>/summary.csv`` (the token protocol's, between
+``<!-- compare-tokens:start -->`` and its end, from ``<folder>/tokens/summary.csv``), and
+the block between ``<!-- claims:start -->`` and
 ``<!-- claims:end -->`` (the papers' claims and what the runs say of them, :mod:`.claims`)
 from ``<folder>/results.csv`` and the token protocol's ``<folder>/tokens/results.csv``;
 ``tests/test_readme.py`` holds the committed README and results equal.
@@ -19,9 +21,13 @@ from pathlib import Path
 from .claims import claims_table, read_accuracies
 
 __all__ = ["readme_block", "claims_block", "update_readme", "START", "END", "CLAIMS_START",
-           "CLAIMS_END"]
+           "CLAIMS_END", "TOKENS_START", "TOKENS_END", "TOKEN_FOLDER"]
+
+#: where the token protocol's committed results live, inside the benchmark's folder
+TOKEN_FOLDER = "tokens"
 
 START, END = "<!-- compare:start -->", "<!-- compare:end -->"
+TOKENS_START, TOKENS_END = "<!-- compare-tokens:start -->", "<!-- compare-tokens:end -->"
 CLAIMS_START, CLAIMS_END = "<!-- claims:start -->", "<!-- claims:end -->"
 
 
@@ -33,14 +39,22 @@ def _fmt(v: str, spec: str) -> str:
     return "-" if math.isnan(x) else format(x, spec)
 
 
-def readme_block(folder: str | Path) -> str:
-    """The markdown table of ``folder/summary.csv`` with the seeds each entry has."""
+def _mega(v: str) -> str:
+    m = _fmt(str(float(v) / 1e6) if v not in ("", None) else "", ".1f")
+    return m if m == "-" else m + "M"
+
+
+def readme_block(folder: str | Path, baseline: str = "none") -> str:
+    """The markdown table of ``folder/summary.csv`` with the seeds each entry has; a
+    token summary (mixer FLOPs columns) gets those columns too."""
     folder = Path(folder)
     rows = list(csv.DictReader((folder / "summary.csv").open()))
-    lines = [
-        "| mechanism | seeds | accuracy % | std | vs none (95% CI) | params | MACs |",
-        "|---|--:|--:|--:|---|--:|--:|",
-    ]
+    flops = ("attn_flops_32px", "attn_flops_224px")
+    tokens = bool(rows) and flops[0] in rows[0]
+    lines = [f"| {'entry' if tokens else 'mechanism'} | seeds | accuracy % | std | "
+             f"vs {baseline} (95% CI) | params | MACs |"
+             + (" mixer FLOPs 32px | mixer FLOPs 224px |" if tokens else ""),
+             "|---|--:|--:|--:|---|--:|--:|" + ("--:|--:|" if tokens else "")]
     for r in rows:
         ci = ""
         if r.get("ci_low", "") != "":
@@ -49,7 +63,8 @@ def readme_block(folder: str | Path) -> str:
         lines.append(
             f"| {r['mechanism']} | {r['n']} | {_fmt(r['mean'], '.2f')} | "
             f"{_fmt(r['std'], '.2f')} | {diff} | {int(float(r['params'])):,} | "
-            f"{float(r['macs']) / 1e6:.1f}M |")
+            f"{_mega(r['macs'])} |"
+            + ("".join(f" {_mega(r[k])} |" for k in flops) if tokens else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -58,7 +73,7 @@ def claims_block(folder: str | Path) -> str:
     ``folder/tokens/results.csv`` (token protocol; absent until it has runs)."""
     folder = Path(folder)
     return claims_table({"map": read_accuracies(folder / "results.csv"),
-                         "tokens": read_accuracies(folder / "tokens" / "results.csv")})
+                         "tokens": read_accuracies(folder / TOKEN_FOLDER / "results.csv")})
 
 
 def _replace_block(text: str, start: str, end: str, body: str, path: Path) -> str:
@@ -75,6 +90,10 @@ def update_readme(readme: str | Path, folder: str | Path) -> bool:
     text = path.read_text()
     new = _replace_block(text, START, END, readme_block(folder), path)
     new = _replace_block(new, CLAIMS_START, CLAIMS_END, claims_block(folder), path)
+    tokens = Path(folder) / TOKEN_FOLDER
+    if (tokens / "summary.csv").is_file():
+        new = _replace_block(new, TOKENS_START, TOKENS_END, readme_block(tokens, "global"),
+                             path)
     if new != text:
         path.write_text(new)
         return True

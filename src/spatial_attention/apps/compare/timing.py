@@ -134,5 +134,6 @@ def timing_note(timing: dict[str, dict[str, str]]) -> str:
                 "ratios rather than img/s across passes)")
     return (f"img/s from the separate timing pass (`--timing`): every entry built at once "
             f"and timed interleaved, best of {r['rounds']} rounds of {r['steps']} training "
-            f"steps and one TTA evaluation each, {r['threads']} thread(s) on {r['device']}, "
+            f"steps and one evaluation (the protocol's test-time augmentation, if any) each, "
+            f"{r['threads']} thread(s) on {r['device']}, "
             f"{when}; timing.csv has the ratios to the baseline.")
