@@ -221,6 +221,38 @@ def test_backbone_init_does_not_depend_on_the_mechanism():
     assert any(".attn." in k for k in other)
 
 
+def test_variants_are_entries_built_with_their_arguments(fake_cifar, tmp_path):
+    from spatial_attention import registry
+    from spatial_attention.apps.compare.cli import select_mechanisms
+    from spatial_attention.apps.compare.net import VARIANTS, CompareNet, resolve_entry
+
+    assert resolve_entry("se") == ("se", {})
+    assert resolve_entry("generalized_attention_0111") == (
+        "generalized_attention", {"attention_type": "0111"})
+    # the default queue: every map mechanism, each variant right after its mechanism
+    everything = select_mechanisms([], None)
+    maps = registry.list_mechanisms(layout="map")
+    assert everything[0] == "none" and len(everything) == 1 + len(maps) + len(VARIANTS)
+    i = everything.index("generalized_attention")
+    assert everything[i + 1] == "generalized_attention_0111"
+    family = registry.info("generalized_attention").family
+    assert "generalized_attention_0111" in select_mechanisms([], family)
+    assert select_mechanisms(["generalized_attention_0111", "se"], None) == [
+        "none", "generalized_attention_0111", "se"]
+    with pytest.raises(UsageError, match="family"):
+        select_mechanisms(["generalized_attention_0111"], "channel")
+    net = CompareNet("generalized_attention_0111", 0.25)  # 9 heads need >= 9 channels
+    types = {m.attention_type for m in net.modules() if hasattr(m, "attention_type")}
+    assert types == {"0111"}
+    # and one trains end to end under its own name
+    out = tmp_path / "out"
+    assert cli.run(_args("generalized_attention_0111", "--seeds", "1", "--baseline-seeds",
+                         "1", "--data", str(fake_cifar), "--out", str(out), *TINY,
+                         "--width", "0.25")) == 0
+    assert [r["mechanism"] for r in _rows(out / "summary.csv")] == [
+        "none", "generalized_attention_0111"]
+
+
 def test_command_line_refuses_bad_input_in_one_line(cli, tmp_path):
     r = cli("compare", "bogus", "--out", str(tmp_path / "runs"))
     assert r.returncode == 2

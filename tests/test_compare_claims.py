@@ -51,6 +51,7 @@ def test_rivals_verdicts(acc, expected):
 def test_claims_are_the_issue_s_and_well_formed():
     assert [(c.first, c.kind, c.second) for c in CLAIMS] == [
         ("cbam", "beats", "se"), ("gam", "beats", "cbam"), ("cpms", "beats", "cbam"),
+        ("generalized_attention_0111", "rivals", "generalized_attention"),
         ("boat", "rivals", "global")]
     with pytest.raises(ValueError, match="kind"):
         Claim("a", "equals", "b", "map", "x")

@@ -55,6 +55,9 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("cpms", "beats", "cbam", "map",
           "the CPMS write-up: YOLOv8 road-defect detection, mAP50 0.874 against "
           "CBAM's 0.822"),
+    Claim("generalized_attention_0111", "rivals", "generalized_attention", "map",
+          "Zhu et al. (ICCV 2019): the query-key content term E1 is negligible in "
+          "self-attention (COCO detection, translation); 0111 drops it from 1111"),
     Claim("boat", "rivals", "global", "tokens",
           "BOAT (Yu et al., BMVC 2022): ImageNet classification, at a fraction of global "
           "attention's cost"),

@@ -114,8 +114,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def select_mechanisms(names: list[str], family: str | None) -> list[str]:
-    """The baseline then the requested map mechanisms, validated (UsageError otherwise)."""
+    """The baseline then the requested map mechanisms, validated (UsageError otherwise).
+
+    Entries of :data:`.net.VARIANTS` (a mechanism with other constructor arguments) are
+    accepted by name, checked as their mechanism is, and follow it in the default list.
+    """
     from ... import registry
+    from .net import VARIANTS, resolve_entry
 
     maps = registry.list_mechanisms(layout="map")
     chosen: list[str] = []
@@ -123,7 +128,7 @@ def select_mechanisms(names: list[str], family: str | None) -> list[str]:
         if name == BASELINE:
             continue
         try:
-            entry = registry.info(name)
+            entry = registry.info(resolve_entry(name)[0])
         except ValueError as exc:
             raise UsageError(str(exc).splitlines()[0]) from None
         if entry.layout != "map":
@@ -133,10 +138,14 @@ def select_mechanisms(names: list[str], family: str | None) -> list[str]:
                 f"(B, C, H, W) map; compare benchmarks map mechanisms only{hint}")
         if family is not None and entry.family != family:
             raise UsageError(f"{name} is in family {entry.family}, not {family}")
-        if entry.name not in chosen:
-            chosen.append(entry.name)
+        label = name if name in VARIANTS else entry.name
+        if label not in chosen:
+            chosen.append(label)
     if not names:
-        chosen = [n for n in maps if family is None or registry.info(n).family == family]
+        chosen = []
+        for n in maps:
+            if family is None or registry.info(n).family == family:
+                chosen += [n] + [v for v, (base, _) in VARIANTS.items() if base == n]
         if not chosen and family is not None:
             raise UsageError(f"family {family} has no map (B, C, H, W) mechanisms")
     return [BASELINE] + chosen

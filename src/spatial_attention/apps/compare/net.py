@@ -10,15 +10,16 @@ Shape (after Keller Jordan's airbench94, written anew here)::
     stage(c_in -> c):  conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU -> attn(c)
 
 ``attn`` is the mechanism under test, built with ``sa.create(name, c)`` on the stage's
-output channels (the ``attn_layer`` convention); the baseline puts ``nn.Identity``
-there. BatchNorms keep their scale fixed at 1 (only the shift trains: with the
-following conv free to rescale, a trained scale only adds a direction the large
-learning rate would have to fight). Every 3x3 conv starts with its first
-``min(c_in, c_out)`` filters set to the identity (Dirac), the rest at PyTorch's default
-draw; so the second conv of a stage (``c -> c``) starts as an exact identity and a deep
-stack of plain convs starts close to a shallow one, the role a residual connection
-plays in deeper networks. The whitening conv's bias starts at zero (as airbench's);
-its weights are set from data by :func:`whitening_weights` and never train.
+output channels (the ``attn_layer`` convention; an entry of :data:`VARIANTS` passes its
+constructor arguments too); the baseline puts ``nn.Identity`` there. BatchNorms keep
+their scale fixed at 1 (only the shift trains: with the following conv free to rescale,
+a trained scale only adds a direction the large learning rate would have to fight).
+Every 3x3 conv starts with its first ``min(c_in, c_out)`` filters set to the identity
+(Dirac), the rest at PyTorch's default draw; so the second conv of a stage (``c -> c``)
+starts as an exact identity and a deep stack of plain convs starts close to a shallow
+one, the role a residual connection plays in deeper networks. The whitening conv's bias
+starts at zero (as airbench's); its weights are set from data by
+:func:`whitening_weights` and never train.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CompareNet", "BASE_WIDTHS", "make_attention", "whitening_sample",
-           "whitening_weights"]
+__all__ = ["CompareNet", "BASE_WIDTHS", "VARIANTS", "make_attention", "resolve_entry",
+           "whitening_sample", "whitening_weights"]
 
 BASE_WIDTHS = (64, 256, 256)
 WHITEN_KERNEL = 2
@@ -35,12 +36,28 @@ WHITEN_KERNEL = 2
 WHITEN_IMAGES = 5000
 
 
+#: entries that are a registered mechanism with other constructor arguments, for the
+#: papers' own ablations the benchmark tests (claims.py): name -> (mechanism, kwargs).
+#: Zhu et al. (ICCV 2019) find the query-key content term E1 negligible in self-attention;
+#: ``generalized_attention_0111`` drops it from the default ``'1111'``.
+VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    "generalized_attention_0111": ("generalized_attention", {"attention_type": "0111"}),
+}
+
+
+def resolve_entry(name: str) -> tuple[str, dict[str, object]]:
+    """``(registered mechanism, constructor kwargs)`` of a benchmark entry."""
+    mechanism, kwargs = VARIANTS.get(name, (name, {}))
+    return mechanism, dict(kwargs)
+
+
 def make_attention(name: str, channels: int) -> nn.Module:
     if name == "none":
         return nn.Identity()
     import spatial_attention as sa
 
-    return sa.create(name, channels)
+    mechanism, kwargs = resolve_entry(name)
+    return sa.create(mechanism, channels, **kwargs)
 
 
 class _Conv(nn.Conv2d):
