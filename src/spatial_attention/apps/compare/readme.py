@@ -1,13 +1,12 @@
-"""The README's "What each mechanism buys" table, generated from a committed summary.csv.
+"""The README's "What each mechanism buys" tables, generated from the committed results.
 
     python -m spatial_attention.apps.compare.readme [README.md] [benchmarks/compare]
 
-rewrites the block between ``<!-- compare:start -->`` and ``<!-- compare:end -->`` of the
-README from ``<folder>/summary.csv`` (the token protocol's, between
-``<!-- compare-tokens:start -->`` and its end, from ``<folder>/tokens/summary.csv``), and
-the block between ``<!-- claims:start -->`` and
-``<!-- claims:end -->`` (the papers' claims and what the runs say of them, :mod:`.claims`)
-from ``<folder>/results.csv`` and the token protocol's ``<folder>/tokens/results.csv``;
+rewrites three blocks of the README: ``<!-- compare:start -->`` ... ``end`` from
+``<folder>/summary.csv`` (the map protocol); ``<!-- compare-tokens:start -->`` ... from
+``<folder>/tokens/summary.csv`` (the token protocol, once it has runs); and
+``<!-- claims:start -->`` ... (the papers' claims and what the runs say of them,
+:mod:`.claims`) from ``<folder>/results.csv`` and ``<folder>/tokens/results.csv``.
 ``tests/test_readme.py`` holds the committed README and results equal.
 """
 
@@ -85,7 +84,8 @@ def _replace_block(text: str, start: str, end: str, body: str, path: Path) -> st
 
 
 def update_readme(readme: str | Path, folder: str | Path) -> bool:
-    """Rewrite the README's table and claims blocks; True when either changed."""
+    """Rewrite the README's blocks (map table, claims, token table once there are token
+    results); True when any changed."""
     path = Path(readme)
     text = path.read_text()
     new = _replace_block(text, START, END, readme_block(folder), path)
