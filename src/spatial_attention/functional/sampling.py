@@ -190,9 +190,9 @@ def deform_conv2d(
         cols = cols * mask.reshape(B, G, 1, K * L).to(cols.dtype)
     cols = cols.to(input.dtype).reshape(B, C, K, L)
     out = _grouped_conv_of_columns(cols, weight, groups, bias, ho, wo)
-    # grid_sample reads a NaN position as outside the map (0); keep NaN visible instead,
-    # at the cost of one add on the output (its gradient to the offsets is 0)
-    return out + (offset.sum(1, keepdim=True) * 0).to(out.dtype)
+    # grid_sample reads a NaN position as outside the map (0); keep NaN visible instead
+    # (an infinite offset is no NaN: it reads zeros, as the clamp above arranges)
+    return out.masked_fill(offset.isnan().any(1, keepdim=True), float("nan"))
 
 
 def deform_conv2d_explicit(
