@@ -94,6 +94,9 @@ def test_end_to_end_and_skip(fake_cifar, tmp_path, monkeypatch):
     md = (out / "summary.md").read_text()
     assert "40 CIFAR-10 test images with flip + translate test-time augmentation" in md
     assert "| accuracy % (flip + translate TTA) |" in md
+    claims = (out / "claims.md").read_text()  # the map protocol's claims, from these runs
+    assert "| cbam beats se |" in claims and "not measured yet" in claims
+    assert "boat rivals global" not in claims
 
     # a second invocation finds every run finished: nothing is built or trained
     def no_build(*a, **k):
@@ -361,6 +364,8 @@ def test_tokens_end_to_end_skip_and_resume(fake_cifar, tmp_path, monkeypatch,
     md = (out / "summary.md").read_text()
     assert "| vs global |" in md and "mixer FLOPs 224px" in md
     assert "- skipped: cswin: TypeError" in md
+    claims = (out / "claims.md").read_text()  # only the token protocol's claims
+    assert "| boat rivals global | " in claims and "cbam beats se" not in claims
     assert json.loads((out / "protocol.json").read_text())["net"] == "tokens"
 
     # run again: every run is finished, nothing is built

@@ -4,8 +4,9 @@ Every selected mechanism (and the ``none`` baseline) is trained under one protoc
 each seed, one run per (mechanism, seed), in ``<out>/runs/<mechanism>/seed<k>/``. A
 finished run is skipped and an interrupted one resumes from its last epoch, so the
 command can be stopped and restarted freely. After every run ``results.csv``,
-``summary.csv``, ``summary.md`` and ``summary.png`` in ``<out>`` are rewritten from all
-finished runs there.
+``summary.csv``, ``summary.md``, ``summary.png`` and ``claims.md`` (the papers' claims
+this protocol tests, :mod:`.claims`) in ``<out>`` are rewritten from all finished runs
+there.
 
 All input is checked before anything starts: unknown or non-map names, a family without
 map mechanisms, a missing data folder, a mechanism that cannot be built at the
@@ -32,12 +33,16 @@ from typing import Any
 import torch
 
 from ...errors import UsageError
+from .claims import CLAIMS, claims_table
 from .data import check_data, load_cifar
 from .plan import format_plan, plan_queue
 from .runner import PRESETS, TTA_MODES, Protocol, RunResult, read_result, steps_of, train_run
 from .stats import SUMMARY_FIELDS, markdown, plot, summarise
 from .timing import TIMING_FIELDS, TIMING_NAME, read_timing, timing_note, timing_pass
 from .token_runner import TOKEN_PRESETS, TokenProtocol, train_token_run
+
+#: written beside summary.md after every run
+CLAIMS_NAME = "claims.md"
 
 __all__ = ["add_arguments", "run", "select_mechanisms", "protocol_from_args", "RESULT_FIELDS"]
 
@@ -364,6 +369,15 @@ def write_reports(out: Path, protocol: Protocol | TokenProtocol, device: str,
     write_csv_rows(out / "summary.csv", summary, fields)
     (out / "summary.md").write_text(markdown(summary, protocol.describe(), device, n_test,
                                              protocol.tta, baseline, extra, notes))
+    # the papers' claims this protocol can test, from this folder's runs
+    kind = "tokens" if tokens else "map"
+    accuracies: dict[str, list[float]] = {}
+    for r in rows:
+        accuracies.setdefault(str(r["mechanism"]), []).append(100 * float(r["accuracy"]))
+    (out / CLAIMS_NAME).write_text(
+        f"The papers' claims this protocol tests ({protocol.describe()}): the first entry "
+        "minus the second in points with a 95% Welch interval (apps/compare/claims.py).\n\n"
+        + claims_table({kind: accuracies}, [c for c in CLAIMS if c.protocol == kind]))
     try:
         plot(summary, out / "summary.png", f"CIFAR-10, {protocol.describe()}, {device}",
              protocol.tta, baseline)
