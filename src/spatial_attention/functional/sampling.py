@@ -161,8 +161,8 @@ def deform_conv2d(
     every tap of every output position at once into the ``(B, C, K, Ho*Wo)`` columns
     (its zero padding is torchvision's rule: a corner outside the map reads 0), scaled
     by the mask, then one grouped matmul with the kernel. ``grid_sample`` has fused
-    bilinear kernels for the forward and the backward, about twice as fast on CPU as
-    four corner gathers, whose backward is a scatter (``benchmarks/deformable_conv.md``).
+    bilinear kernels for the forward and the backward, where four corner gathers would
+    need a scatter in the backward (timings: ``benchmarks/deformable_conv.md``).
     The sampling runs in at least float32: a half or bfloat16 grid would place a tap
     past 64 pixels to within half a pixel only. A NaN offset makes every output at its
     position NaN (the gather paths send it to the output channels that read that

@@ -20,13 +20,15 @@ happens at this benchmark's scale, not whether the paper is right in its own.
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .stats import welch_interval
 
-__all__ = ["Claim", "CLAIMS", "verdict", "claims_table", "read_accuracies"]
+__all__ = ["Claim", "CLAIMS", "verdict", "claims_table", "read_accuracies",
+           "accuracies_by_entry"]
 
 
 @dataclass(frozen=True)
@@ -64,17 +66,23 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
+def accuracies_by_entry(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """Accuracy in percent of every run (rows with ``mechanism`` and ``accuracy`` as a
+    fraction, as ``results.csv`` holds them), by entry."""
+    out: dict[str, list[float]] = {}
+    for row in rows:
+        out.setdefault(str(row["mechanism"]), []).append(100 * float(row["accuracy"]))
+    return out
+
+
 def read_accuracies(results_csv: str | Path) -> dict[str, list[float]]:
-    """Accuracy in percent of every run in a ``results.csv``, by entry; ``{}`` when the
-    file does not exist (a protocol with no run yet)."""
+    """:func:`accuracies_by_entry` of a ``results.csv``; ``{}`` when the file does not
+    exist (a protocol with no run yet)."""
     path = Path(results_csv)
     if not path.is_file():
         return {}
-    out: dict[str, list[float]] = {}
     with path.open() as f:
-        for row in csv.DictReader(f):
-            out.setdefault(row["mechanism"], []).append(100 * float(row["accuracy"]))
-    return out
+        return accuracies_by_entry(csv.DictReader(f))
 
 
 def verdict(claim: Claim, accuracies: Mapping[str, Sequence[float]]

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ...errors import UsageError
-from .claims import CLAIMS, claims_table
+from .claims import CLAIMS, accuracies_by_entry, claims_table
 from .data import check_data, load_cifar
 from .plan import format_plan, plan_queue
 from .runner import PRESETS, TTA_MODES, Protocol, RunResult, read_result, steps_of, train_run
@@ -371,9 +371,7 @@ def write_reports(out: Path, protocol: Protocol | TokenProtocol, device: str,
                                              protocol.tta, baseline, extra, notes))
     # the papers' claims this protocol can test, from this folder's runs
     kind = "tokens" if tokens else "map"
-    accuracies: dict[str, list[float]] = {}
-    for r in rows:
-        accuracies.setdefault(str(r["mechanism"]), []).append(100 * float(r["accuracy"]))
+    accuracies = accuracies_by_entry(rows)
     (out / CLAIMS_NAME).write_text(
         f"The papers' claims this protocol tests ({protocol.describe()}): the first entry "
         "minus the second in points with a 95% Welch interval (apps/compare/claims.py).\n\n"
